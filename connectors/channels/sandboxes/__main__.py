@@ -1,0 +1,3 @@
+from connectors.channels.sandboxes import main
+
+main()

@@ -1,0 +1,188 @@
+"""What every provider sandbox shares: a record of what arrived, fault injection (latency, error
+rate, 429 throttling, outage) and receipts pushed back to Loopcast after a delay.
+
+Inspection lives under /_sandbox/ so tests, the demo and the benchmark count what really
+arrived instead of trusting our own logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from pydantic import BaseModel, Field
+
+
+class Faults(BaseModel):
+    latency_ms: float = Field(default=0, ge=0)
+    error_rate: float = Field(default=0, ge=0, le=1)
+    throttle_rate: float = Field(default=0, ge=0, le=1)
+    outage: bool = False
+    # Share of accepted messages whose receipt says the handset never got it.
+    undelivered_rate: float = Field(default=0, ge=0, le=1)
+    receipt_delay_ms: float = Field(default=200, ge=0)
+    seed: int | None = None
+
+
+@dataclass
+class Received:
+    provider: str
+    provider_message_id: str
+    received_at: float
+    body: dict[str, Any]
+    receipt_status: str | None = None
+
+
+@dataclass
+class Sandbox:
+    """State of one provider's sandbox; the provider module supplies its routes."""
+
+    provider: str
+    faults: Faults = field(default_factory=Faults)
+    received: list[Received] = field(default_factory=list)
+    rejected: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
+    _seq: int = 0
+    _pending: set = field(default_factory=set)
+    _client: aiohttp.ClientSession | None = None
+
+    def client(self) -> aiohttp.ClientSession:
+        """For calls back to Loopcast (receipts), opened on first use."""
+        if self._client is None:
+            self._client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        return self._client
+
+    async def close(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        if self._client is not None:
+            await self._client.close()
+
+    def next_id(self) -> str:
+        self._seq += 1
+        return f"{self.provider}-{self._seq:010d}"
+
+    async def inject(self) -> web.Response | None:
+        """Apply configured faults; a response returned here is what the provider would answer."""
+        if self.faults.latency_ms:
+            await asyncio.sleep(self.faults.latency_ms / 1000)
+        if self.faults.outage:
+            return web.json_response({"error": "service unavailable"}, status=503)
+        if self.faults.throttle_rate and self.rng.random() < self.faults.throttle_rate:
+            return web.json_response({"error": "rate limited"}, status=429, headers={"Retry-After": "1"})
+        if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
+            return web.json_response({"error": "internal error"}, status=500)
+        return None
+
+    def record(self, body: dict[str, Any], triggered_at_ms: int | None) -> Received:
+        now = time.time()
+        item = Received(self.provider, self.next_id(), now, body)
+        self.received.append(item)
+        if triggered_at_ms:
+            self.latencies_ms.append(now * 1000 - triggered_at_ms)
+        return item
+
+    def schedule_receipt(self, item: Received, send: Callable[[Received, str], Awaitable[None]]) -> None:
+        status = "undelivered" if self.rng.random() < self.faults.undelivered_rate else "delivered"
+        item.receipt_status = status
+
+        async def later() -> None:
+            await asyncio.sleep(self.faults.receipt_delay_ms / 1000)
+            for attempt in range(5):
+                try:
+                    await send(item, status)
+                    return
+                except Exception:  # noqa: BLE001 - a provider retries receipts; so do we
+                    await asyncio.sleep(0.2 * 2**attempt)
+
+        task = asyncio.ensure_future(later())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.latencies_ms.clear()
+        self.rejected = 0
+
+    def stats(self) -> dict[str, Any]:
+        latencies = sorted(self.latencies_ms)
+
+        def pct(p: float) -> float | None:
+            return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 2) if latencies else None
+
+        return {
+            "provider": self.provider,
+            "received": len(self.received),
+            "unique_messages": len({r.body.get("message_id") for r in self.received}),
+            "rejected": self.rejected,
+            "receipts": sum(1 for r in self.received if r.receipt_status),
+            "latency_ms": {
+                "p50": pct(0.5),
+                "p90": pct(0.9),
+                "p99": pct(0.99),
+                "max": latencies[-1] if latencies else None,
+            },
+            "first_at": self.received[0].received_at if self.received else None,
+            "last_at": self.received[-1].received_at if self.received else None,
+            "faults": self.faults.model_dump(),
+        }
+
+
+def inspection_routes(sandboxes: dict[str, Sandbox]) -> list[web.RouteDef]:
+    def pick(request: web.Request) -> Sandbox:
+        try:
+            return sandboxes[request.match_info["provider"]]
+        except KeyError:
+            raise web.HTTPNotFound(text="no such sandbox") from None
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(pick(request).stats())
+
+    async def requests(request: web.Request) -> web.Response:
+        box = pick(request)
+        offset = int(request.query.get("offset", 0))
+        limit = int(request.query.get("limit", 1000))
+        items = box.received[offset : offset + limit]
+        return web.json_response(
+            {
+                "total": len(box.received),
+                "items": [
+                    {
+                        "id": r.provider_message_id,
+                        "received_at": r.received_at,
+                        "body": r.body,
+                        "receipt_status": r.receipt_status,
+                    }
+                    for r in items
+                ],
+            }
+        )
+
+    async def configure(request: web.Request) -> web.Response:
+        box = pick(request)
+        box.faults = Faults.model_validate({**box.faults.model_dump(), **await request.json()})
+        if box.faults.seed is not None:
+            box.rng.seed(box.faults.seed)
+        return web.json_response(box.faults.model_dump())
+
+    async def reset(request: web.Request) -> web.Response:
+        pick(request).reset()
+        return web.json_response({"ok": True})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "providers": sorted(sandboxes)})
+
+    return [
+        web.get("/_sandbox/health", health),
+        web.get("/_sandbox/{provider}/stats", stats),
+        web.get("/_sandbox/{provider}/requests", requests),
+        web.post("/_sandbox/{provider}/faults", configure),
+        web.post("/_sandbox/{provider}/reset", reset),
+    ]

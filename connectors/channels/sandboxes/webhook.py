@@ -1,0 +1,40 @@
+"""Sandbox for the generic webhook provider: checks our signature like a careful receiver,
+answers with an id, and posts a signed delivery receipt back to Loopcast."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from aiohttp import web
+
+from connectors.channels.sandboxes.core import Received, Sandbox
+from connectors.channels.webhook import SIGNATURE_HEADER, sign, verify
+
+
+def routes(box: Sandbox, secret: str, receipt_url: str) -> list[web.RouteDef]:
+    async def send_receipt(item: Received, status: str) -> None:
+        body = json.dumps({"id": item.provider_message_id, "status": status, "ts": int(time.time() * 1000)}).encode()
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body, int(time.time()))}
+        async with box.client().post(receipt_url, data=body, headers=headers) as response:
+            if response.status >= 500:
+                raise RuntimeError(f"receipt endpoint answered {response.status}")
+
+    async def receive(request: web.Request) -> web.Response:
+        raw = await request.read()
+        if not verify(secret, raw, request.headers.get(SIGNATURE_HEADER)):
+            box.rejected += 1
+            return web.json_response({"error": "invalid signature"}, status=401)
+        injected = await box.inject()
+        if injected is not None:
+            return injected
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            box.rejected += 1
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        item = box.record(body, body.get("triggered_at"))
+        box.schedule_receipt(item, send_receipt)
+        return web.json_response({"id": item.provider_message_id, "status": "accepted"})
+
+    return [web.post("/webhook/{hook:.*}", receive)]

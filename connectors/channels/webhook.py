@@ -1,0 +1,112 @@
+"""Generic outbound webhook: the message as JSON, signed with HMAC-SHA256 over timestamp and body.
+
+Signature header: `X-Loopcast-Signature: t=<unix seconds>,v1=<hex hmac(secret, "<t>.<body>")>`,
+the scheme Stripe and Svix made familiar, so receivers can reject replays by the timestamp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import httpx
+from pydantic import BaseModel, SecretStr
+
+from connectors.channels.base import ChannelAdapter, DeliveryResult, DeliveryStatus, Limits
+from schemas.config import Channel
+from schemas.models import RenderedMessage
+
+SIGNATURE_HEADER = "X-Loopcast-Signature"
+
+
+def sign(secret: str, body: bytes, timestamp: int) -> str:
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
+
+
+def verify(secret: str, body: bytes, header: str | None, *, now: float | None = None, tolerance_s: int = 300) -> bool:
+    if not header:
+        return False
+    parts = dict(item.split("=", 1) for item in header.split(",") if "=" in item)
+    try:
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((now or time.time()) - timestamp) > tolerance_s:
+        return False
+    expected = sign(secret, body, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def payload(message: RenderedMessage) -> bytes:
+    return json.dumps(
+        {
+            "message_id": message.message_id,
+            "campaign_id": message.campaign_id,
+            "user_id": message.user_id,
+            "address": message.address,
+            "title": message.title,
+            "body": message.body,
+            "link": message.link,
+            "priority": message.priority.value,
+            "triggered_at": int(message.triggered_at.timestamp() * 1000),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode()
+
+
+class WebhookAdapter(ChannelAdapter):
+    scheme = "webhook"
+    channel_kind = "webhook"
+    limits = Limits(body_maxlen=64_000)
+    returns_provider_ids = True
+    sends_receipts = True
+
+    class Credentials(BaseModel):
+        secret: SecretStr
+
+    def __init__(self, channel: Channel, credentials: Credentials) -> None:
+        super().__init__(channel, credentials)
+        if channel.url is None:
+            raise ValueError(f"channel {channel.id!r}: the webhook provider needs a url")
+        self.url = str(channel.url)
+        self.client = httpx.AsyncClient(
+            timeout=channel.timeout_s,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        body = payload(message)
+        headers = {
+            "Content-Type": "application/json",
+            SIGNATURE_HEADER: sign(self.credentials.secret.get_secret_value(), body, int(time.time())),
+            # Receivers can drop a retried delivery they already have.
+            "Idempotency-Key": message.message_id,
+        }
+        try:
+            response = await self.client.post(self.url, content=body, headers=headers)
+        except httpx.TimeoutException as exc:
+            return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="timeout", raw=repr(exc))
+        except httpx.TransportError as exc:
+            return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="transport", raw=repr(exc))
+        if response.is_success:
+            try:
+                provider_id = response.json().get("id")
+            except ValueError:
+                provider_id = None
+            return DeliveryResult(
+                status=DeliveryStatus.accepted, provider_message_id=provider_id, raw=response.text[:500]
+            )
+        retryable = response.status_code == 429 or response.status_code >= 500
+        return DeliveryResult(
+            status=DeliveryStatus.failed,
+            retryable=retryable,
+            error_code=f"http_{response.status_code}",
+            raw=response.text[:500],
+        )
+
+    async def close(self) -> None:
+        await self.client.aclose()

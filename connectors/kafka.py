@@ -1,0 +1,89 @@
+"""Small Kafka helpers for the edges of the loop (CLI, demo, benchmark, tests): batched produce
+and reading a topic to its current end. Stages use Faust instead."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from schemas.contracts import encode
+from schemas.models import Record
+
+
+async def produce_raw(
+    bootstrap: str, topic: str, items: Iterable[tuple[bytes | None, bytes | None]], *, linger_ms: int = 5
+) -> int:
+    """Sends (key, value) pairs in producer batches; returns how many were acknowledged."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=linger_ms, max_batch_size=256 * 1024)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in items]
+        await asyncio.gather(*futures)
+        return len(futures)
+    finally:
+        await producer.stop()
+
+
+async def produce(bootstrap: str, topic: str, records: Sequence[tuple[str, Record]]) -> int:
+    return await produce_raw(bootstrap, topic, ((key.encode(), encode(value)) for key, value in records))
+
+
+async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 30) -> list:
+    """Every record of a topic from the beginning up to its end offsets at call time."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            raise LookupError(f"topic {topic} does not exist")
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records = []
+        remaining = {tp for tp, end in ends.items() if end > 0}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while remaining and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for tp, items in batch.items():
+                records += items
+                if items and items[-1].offset + 1 >= ends[tp]:
+                    remaining.discard(tp)
+        if remaining:
+            raise TimeoutError(f"could not read {topic} to its end within {timeout_s}s")
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(bootstrap: str, topic: str) -> int:
+    """Total records ever written to a topic (the sum of its partitions' end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
+        return sum((await consumer.end_offsets(partitions)).values()) if partitions else 0
+    finally:
+        await consumer.stop()
+
+
+async def group_lag(bootstrap: str, group_id: str, topic_names: Sequence[str]) -> int:
+    """How many records of these topics the consumer group has not committed yet."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group_id)
+        partitions = [TopicPartition(t, p) for t in topic_names for p in consumer.partitions_for_topic(t) or []]
+        ends = await consumer.end_offsets(partitions)
+        return sum(
+            end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+            for tp, end in ends.items()
+        )
+    finally:
+        await consumer.stop()
+        await admin.close()

@@ -1,0 +1,115 @@
+"""Redis: user profiles, frequency caps, attribution touches and receipt correlation.
+
+Every call here takes a whole batch and makes one round trip (a pipeline or one script), since
+per-message calls cap a stage at a few thousand messages a second (STACK-NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streams.match import Touch
+
+TOUCH_TTL_S = 30 * 24 * 3600
+RECEIPT_TTL_S = 7 * 24 * 3600
+
+
+def profile_key(user_id: str) -> str:
+    return f"profile:{user_id}"
+
+
+def touch_key(user_id: str) -> str:
+    return f"touch:{user_id}"
+
+
+def receipt_key(provider: str, provider_message_id: str) -> str:
+    return f"receipt:{provider}:{provider_message_id}"
+
+
+# Counts a message against a cap at most once: a message already in the set is allowed again
+# (a redelivery), a new one only while the set is below its limit. Atomic per script call, so
+# concurrent workers can never exceed a cap together.
+_CAP_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local member = ARGV[2 * i]
+  local limit = tonumber(ARGV[2 * i + 1])
+  if redis.call('SISMEMBER', key, member) == 1 then
+    out[i] = 1
+  elseif redis.call('SCARD', key) < limit then
+    redis.call('SADD', key, member)
+    redis.call('EXPIRE', key, ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+
+class State:
+    def __init__(self, url: str) -> None:
+        self.redis = aioredis.from_url(url, decode_responses=False)
+        self._cap = self.redis.register_script(_CAP_SCRIPT)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # Profiles ------------------------------------------------------------------------------
+    async def profiles(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not user_ids:
+            return []
+        raw = await self.redis.mget([profile_key(u) for u in user_ids])
+        return [json.loads(r) if r else None for r in raw]
+
+    async def put_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        for profile in profiles:
+            pipe.set(profile_key(str(profile["user_id"])), json.dumps(profile, ensure_ascii=False, default=str))
+            n += 1
+        await pipe.execute()
+        return n
+
+    # Caps ----------------------------------------------------------------------------------
+    async def claim_caps(self, claims: Sequence[tuple[str, str, int]], ttl_s: int) -> list[bool]:
+        """claims: (cap key, message id, limit) → allowed, in order, in one atomic script call."""
+        if not claims:
+            return []
+        keys = [key for key, _, _ in claims]
+        args: list[Any] = [ttl_s]
+        for _, member, limit in claims:
+            args += [member, limit]
+        return [bool(x) for x in await self._cap(keys=keys, args=args)]
+
+    # Attribution and receipts --------------------------------------------------------------
+    async def record_sends(self, sends: Sequence[tuple[str, Touch, str | None, str | None]]) -> None:
+        """sends: (user id, touch, provider, provider message id) of every accepted message."""
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id, touch, provider, provider_id in sends:
+            pipe.hset(touch_key(user_id), touch.campaign_id, touch.model_dump_json())
+            pipe.expire(touch_key(user_id), TOUCH_TTL_S)
+            if provider and provider_id:
+                meta = {"user_id": user_id, **touch.model_dump(mode="json")}
+                pipe.set(receipt_key(provider, provider_id), json.dumps(meta), ex=RECEIPT_TTL_S)
+        await pipe.execute()
+
+    async def touches(self, user_ids: Sequence[str]) -> list[dict[str, Touch]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hgetall(touch_key(user_id))
+        results = await pipe.execute()
+        return [{k.decode(): Touch.model_validate_json(v) for k, v in result.items()} for result in results]
+
+    async def receipt_target(self, provider: str, provider_message_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(receipt_key(provider, provider_message_id))
+        return json.loads(raw) if raw else None

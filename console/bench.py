@@ -1,0 +1,229 @@
+"""`loopcast bench`: in one run, the raw Kafka client baseline on the local broker, then the
+whole pipeline (events in → requests at the provider sandbox): throughput and latency.
+
+Latency is measured from each event's occurred_at to the sandbox receiving its message, in two
+regimes: a burst (everything produced at once: queueing included) and a paced stream below
+capacity (what one event sees when the system keeps up).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import UTC, datetime
+
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from connectors.kafka import produce
+from console.services import INFRA, stack
+from infra import topics
+from infra.settings import Settings
+from infra.waiting import wait_for
+from schemas.config import Campaign, Channel, Priority, Template, Trigger
+from schemas.contracts import encode
+from schemas.models import Event
+
+PAYLOAD = b"x" * 200
+
+
+async def raw_kafka(settings: Settings, n: int) -> tuple[float, float]:
+    """aiokafka produce (batched sends) and consume (getmany) rates, messages/s."""
+    topic = f"loopcast.bench.raw.{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, settings.partitions, 1)])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=5, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        partitions = sorted(await producer.partitions_for(topic))
+        sent = 0
+        while sent < n:
+            for p in partitions:
+                batch = producer.create_batch()
+                while sent < n and batch.append(key=None, value=PAYLOAD, timestamp=None) is not None:
+                    sent += 1
+                batch.close()
+                await producer.send_batch(batch, topic, partition=p)
+        await producer.flush()
+        produce_rate = n / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await consumer.start()
+    try:
+        received = 0
+        started = time.perf_counter()
+        while received < n:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10000)
+            received += sum(len(v) for v in batches.values())
+        consume_rate = n / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await admin.delete_topics([topic])
+        await admin.close()
+    return produce_rate, consume_rate
+
+
+def bench_documents(settings: Settings, run: str) -> list:
+    return [
+        Channel(id="bench-hook", provider="webhook", url=f"{settings.sandbox_base}/webhook/bench"),
+        Template(id="bench-t", title="Deal", body="{{ product }} is back in stock"),
+        Campaign(
+            id=f"bench-{run}",
+            name="bench",
+            trigger=Trigger(event_type=f"bench_{run}"),
+            channel="bench-hook",
+            template_id="bench-t",
+            priority=Priority.high,
+            daily_cap=1_000_000,
+        ),
+    ]
+
+
+def events(run: str, start: int, n: int) -> list[tuple[str, Event]]:
+    now = datetime.now(UTC)
+    return [
+        (
+            f"b{i}",
+            Event(
+                event_id=f"{run}-{i}",
+                event_type=f"bench_{run}",
+                user_id=f"b{i}",
+                occurred_at=now,
+                properties={"product": "earbuds"},
+            ),
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def sandbox_stats(settings: Settings) -> dict:
+    return httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/stats", timeout=10).json()
+
+
+def reset_sandbox(settings: Settings) -> None:
+    httpx.post(f"{settings.sandbox_base}/_sandbox/webhook/reset", timeout=10).raise_for_status()
+    httpx.post(
+        f"{settings.sandbox_base}/_sandbox/webhook/faults",
+        json={"latency_ms": 0, "error_rate": 0, "throttle_rate": 0, "outage": False, "undelivered_rate": 0},
+        timeout=10,
+    ).raise_for_status()
+
+
+def pipeline_burst(settings: Settings, n: int, progress: Progress) -> dict:
+    run = uuid.uuid4().hex[:6]
+    reset_sandbox(settings)
+    asyncio.run(
+        produce(
+            settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in bench_documents(settings, run)]
+        )
+    )
+    # A handful first: the worker picks up the new campaign before the clock starts.
+    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, events(run, 0, 10)))
+    wait_for(lambda: sandbox_stats(settings)["received"] >= 10, timeout_s=60, what="warm-up messages")
+    reset_sandbox(settings)
+    task = progress.add_task("pipeline burst", total=n)
+    started = time.time()
+    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, events(run, 10, n)))
+    produced_at = time.time()
+
+    def done() -> bool:
+        received = sandbox_stats(settings)["received"]
+        progress.update(task, completed=received)
+        return received >= n
+
+    wait_for(done, timeout_s=max(120, n / 50), interval_s=0.25, what=f"{n} messages at the sandbox")
+    stats = sandbox_stats(settings)
+    return {
+        "run": run,
+        "events": n,
+        "seconds": stats["last_at"] - started,
+        "produce_s": produced_at - started,
+        "rate": n / (stats["last_at"] - started),
+        "latency": stats["latency_ms"],
+    }
+
+
+def pipeline_paced(settings: Settings, run: str, rate: float, seconds: float, progress: Progress) -> dict:
+    reset_sandbox(settings)
+    total = int(rate * seconds)
+    task = progress.add_task(f"pipeline paced at {rate:.0f}/s", total=total)
+    tick = 0.05
+    per_tick = max(1, int(rate * tick))
+
+    async def pace() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=1)
+        await producer.start()
+        try:
+            start = asyncio.get_running_loop().time()
+            sent = 0
+            while sent < total:
+                for key, event in events(run, 1_000_000 + sent, min(per_tick, total - sent)):
+                    await producer.send(topics.EVENTS.name, encode(event), key=key.encode())
+                sent += per_tick
+                progress.update(task, completed=min(sent, total))
+                # Pacing a load generator is the one place a timed wait is the point.
+                next_at = start + tick * (sent // per_tick)
+                await asyncio.sleep(max(0.0, next_at - asyncio.get_running_loop().time()))
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    asyncio.run(pace())
+    wait_for(lambda: sandbox_stats(settings)["received"] >= total, timeout_s=120, what="paced messages at the sandbox")
+    return {"rate": rate, "events": total, "latency": sandbox_stats(settings)["latency_ms"]}
+
+
+def run_bench(settings: Settings, console: Console, *, events: int, raw_messages: int) -> dict:
+    local = stack(settings)
+    with console.status("starting the local stack and a worker…"):
+        local.up([*INFRA, "sandbox", "worker"])
+    with Progress(console=console) as progress:
+        task = progress.add_task("raw aiokafka baseline", total=None)
+        produce_rate, consume_rate = asyncio.run(raw_kafka(settings, raw_messages))
+        progress.update(task, total=1, completed=1)
+        burst = pipeline_burst(settings, events, progress)
+        paced = pipeline_paced(
+            settings, burst["run"], rate=max(50.0, burst["rate"] * 0.5), seconds=10, progress=progress
+        )
+    raw_rate = min(produce_rate, consume_rate)
+    table = Table(title="Loopcast benchmark (one run, this machine)")
+    for column in ("measure", "messages", "msg/s", "p50 ms", "p99 ms"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    table.add_row("raw aiokafka produce (send_batch)", f"{raw_messages:,}", f"{produce_rate:,.0f}", "", "")
+    table.add_row("raw aiokafka consume (getmany)", f"{raw_messages:,}", f"{consume_rate:,.0f}", "", "")
+    table.add_row(
+        "pipeline burst: event → sandbox",
+        f"{events:,}",
+        f"{burst['rate']:,.0f}",
+        f"{burst['latency']['p50']:,.0f}",
+        f"{burst['latency']['p99']:,.0f}",
+    )
+    table.add_row(
+        f"pipeline paced at {paced['rate']:,.0f}/s",
+        f"{paced['events']:,}",
+        "",
+        f"{paced['latency']['p50']:,.0f}",
+        f"{paced['latency']['p99']:,.0f}",
+    )
+    console.print(table)
+    ratio = burst["rate"] / raw_rate
+    console.print(
+        f"pipeline / raw Kafka throughput: [bold]{ratio:.2%}[/] "
+        "(five stages, four Kafka hops, Redis, HTTP to the sandbox and ClickHouse per message)"
+    )
+    return {"raw_produce": produce_rate, "raw_consume": consume_rate, "burst": burst, "paced": paced, "ratio": ratio}

@@ -1,0 +1,240 @@
+"""`loopcast`: the one entry point for people — the local stack, workers, config, events, SQL,
+reports, the demo and the benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from pydantic import TypeAdapter, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from infra.settings import Settings
+
+app = typer.Typer(help="Loopcast: the right message, on the right channel, at the right time.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The local stack: Kafka (KRaft), Redis, provider sandboxes, a worker.", no_args_is_help=True
+)
+report_app = typer.Typer(help="Reports from ClickHouse.", no_args_is_help=True)
+config_app = typer.Typer(help="Campaigns, templates and channels on the config topic.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(report_app, name="report")
+app.add_typer(config_app, name="config")
+console = Console()
+err = Console(stderr=True)
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+@stack_app.command("prepare")
+def stack_prepare() -> None:
+    """Install what the stack needs (Java, Maven, Redis from apt if missing; Kafka jars from Maven Central)."""
+    from infra.stack import ensure_kafka_jars, ensure_system_packages
+
+    settings = Settings()
+    ensure_system_packages(progress=console.print)
+    console.print(f"Kafka {settings.kafka_version} jars in {ensure_kafka_jars(settings, progress=console.print)}")
+
+
+@stack_app.command("up")
+def stack_up(
+    workers: Annotated[bool, typer.Option("--workers/--no-workers", help="Also start a background worker.")] = False,
+) -> None:
+    """Start (or keep) the local stack; safe to run twice."""
+    from console.services import INFRA, stack
+
+    services = [*INFRA, "sandbox", *(["worker"] if workers else [])]
+    with console.status("starting the local stack…") as status:
+        stack(Settings(), progress=lambda msg: status.update(msg)).up(services)
+    stack_status()
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop exactly the processes `stack up` started."""
+    from console.services import stack
+
+    stack(Settings(), progress=console.print).down()
+    console.print("stack stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    from console.services import stack
+
+    table = Table("service", "pid", "running", "healthy", "address")
+    for s in stack(Settings()).status():
+        table.add_row(s.name, str(s.pid or "-"), "yes" if s.running else "no", "yes" if s.healthy else "no", s.address)
+    console.print(table)
+
+
+@app.command()
+def worker(
+    stages: Annotated[str, typer.Option(help="Comma-separated stage families; default all.")] = "",
+    loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug")] = "warn",
+) -> None:
+    """Run the stages as a Faust worker in the foreground."""
+    from streams.app import run_worker
+    from streams.topology import select
+
+    try:
+        chosen = select([s.strip() for s in stages.split(",") if s.strip()] or None)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
+    run_worker(Settings(), chosen, loglevel)
+
+
+@app.command()
+def sandbox() -> None:
+    """Serve the provider sandboxes in the foreground."""
+    from connectors.channels.sandboxes import main
+
+    main()
+
+
+def _load_documents(path: Path) -> list[dict]:
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else list(yaml.safe_load_all(text))
+    if isinstance(data, dict):
+        data = [data]
+    flat: list[dict] = []
+    for item in data:
+        flat += item if isinstance(item, list) else [item] if item else []
+    return flat
+
+
+@config_app.command("apply")
+def config_apply(file: Path) -> None:
+    """Validate and publish campaigns, templates and channels (YAML or JSON)."""
+    from connectors.kafka import produce
+    from infra import topics
+    from schemas.config import Campaign, Channel, Template
+
+    adapter = TypeAdapter(Campaign | Template | Channel)
+    try:
+        documents = [adapter.validate_python(d) for d in _load_documents(file)]
+    except ValidationError as exc:
+        raise fail(f"{file}: {exc}") from None
+    settings = Settings()
+    asyncio.run(produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents]))
+    for d in documents:
+        console.print(f"published {d.key} v{d.version}")
+
+
+@app.command()
+def produce(
+    file: Annotated[Path, typer.Argument(help="Events as JSON lines (or a JSON array); '-' reads stdin.")],
+    raw: Annotated[bool, typer.Option(help="Send lines as they are, unvalidated (to exercise the DLQ).")] = False,
+) -> None:
+    """Validate events and produce them to loopcast.events as Avro."""
+    from connectors.kafka import produce as produce_records
+    from connectors.kafka import produce_raw
+    from infra import topics
+    from schemas.models import Event
+
+    text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    stripped = text.lstrip()
+    lines = [json.dumps(item) for item in json.loads(text)] if stripped.startswith("[") else text.splitlines()
+    settings = Settings()
+    if raw:
+        n = asyncio.run(produce_raw(settings.bootstrap, topics.EVENTS.name, ((None, line.encode()) for line in lines)))
+        console.print(f"produced {n} raw records")
+        return
+    events, errors = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            events.append(Event.model_validate_json(line))
+        except ValidationError as exc:
+            errors.append(f"line {number}: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+    if errors:
+        for e in errors[:20]:
+            err.print(e)
+        raise fail(f"{len(errors)} invalid event(s); nothing was produced")
+    n = asyncio.run(produce_records(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
+    console.print(f"produced {n} events")
+
+
+def print_rows(rows: list[dict], fmt: Format, title: str | None = None) -> None:
+    if fmt is Format.json:
+        console.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(*(rows[0].keys() if rows else ["(no rows)"]), title=title)
+    for row in rows:
+        table.add_row(*(f"{v:.1%}" if isinstance(v, float) and 0 <= v <= 1 else str(v) for v in row.values()))
+    console.print(table)
+
+
+@app.command()
+def sql(query: str, format: Annotated[Format, typer.Option("--format")] = Format.table) -> None:
+    """Run a read-only query on ClickHouse (through the worker that owns chDB, if one runs)."""
+    from connectors import warehouse
+
+    wh = warehouse.connect(Settings())
+    try:
+        rows = wh.query(query)
+    except Exception as exc:
+        raise fail(str(exc)) from None
+    finally:
+        wh.close()
+    print_rows(rows, format)
+
+
+@report_app.command("funnel")
+def report_funnel(
+    campaign: Annotated[str | None, typer.Option(help="One campaign id; default all.")] = None,
+    format: Annotated[Format, typer.Option("--format")] = Format.table,
+) -> None:
+    """Targeted → sent → delivered → clicked → converted per campaign, with rates."""
+    from connectors import warehouse
+    from console.reports import print_funnel
+
+    wh = warehouse.connect(Settings())
+    try:
+        rows = warehouse.funnel(wh, campaign)
+    finally:
+        wh.close()
+    if format is Format.json:
+        print_rows(rows, format)
+    else:
+        print_funnel(console, rows)
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="Shoppers in the generated shop.")] = 300,
+    seed: Annotated[int, typer.Option()] = 7,
+    keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = True,
+) -> None:
+    """The e-commerce scenario end to end: shop, campaign, triggers, worker, shoppers, funnel."""
+    from console.demo import run_demo
+
+    run_demo(Settings(), console, users=users, seed=seed, keep_running=keep_running)
+
+
+@app.command()
+def bench(
+    events: Annotated[int, typer.Option(help="Trigger events pushed through the pipeline.")] = 20_000,
+    raw_messages: Annotated[int, typer.Option(help="Messages for the raw Kafka baseline.")] = 200_000,
+) -> None:
+    """Raw Kafka throughput, then the whole pipeline's throughput and latency, in one run."""
+    from console.bench import run_bench
+
+    run_bench(Settings(), console, events=events, raw_messages=raw_messages)

@@ -1,0 +1,260 @@
+"""The e-commerce demo: a small shop, a cart-abandonment campaign, shoppers who react.
+
+Shoppers act only on what really reached the provider sandbox: they open the tracked link
+(a real HTTP click through Loopcast's redirect) and some pay, which Loopcast attributes back
+to the message. The funnel at the end is read from ClickHouse with SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from connectors import warehouse
+from connectors.kafka import produce, produce_raw
+from connectors.state import State
+from console.reports import print_funnel
+from console.services import INFRA, stack
+from infra import topics
+from infra.settings import Settings
+from infra.waiting import wait_for
+from schemas.config import Audience, Campaign, Channel, Template, Trigger
+from schemas.models import Event, Priority
+
+CAMPAIGN_ID = "cart-abandon"
+FIRST_NAMES = ["Lin", "Wei", "Mei", "Jun", "Ana", "Sam", "Yuki", "Omar", "Lea", "Ravi", "小红", "明"]
+CITIES = ["Shanghai", "Hangzhou", "Shenzhen", "Berlin", "Austin", "Osaka"]
+PRODUCTS = [
+    ("p-100", "Wireless earbuds", 299.0),
+    ("p-101", "Trail running shoes", 459.0),
+    ("p-102", "Pour-over coffee kit", 189.0),
+    ("p-103", "Mechanical keyboard", 699.0),
+    ("p-104", "Anime figure (limited)", 899.0),
+]
+
+
+@dataclass
+class Shop:
+    profiles: list[dict]
+    stock: dict[str, int]
+
+
+@dataclass
+class Shoppers:
+    """Click and purchase behaviour, deterministic per message so a rerun tells the same story."""
+
+    seed: int
+    p_click: float = 0.35
+    p_buy_after_click: float = 0.45
+    seen: set[str] = field(default_factory=set)
+    clicks: int = 0
+    purchases: int = 0
+
+    def roll(self, message_id: str, what: str) -> float:
+        return random.Random(f"{self.seed}:{message_id}:{what}").random()
+
+
+def make_shop(users: int, seed: int) -> Shop:
+    rng = random.Random(seed)
+    profiles = []
+    for i in range(users):
+        profile = {
+            "user_id": f"u{i:05d}",
+            "city": rng.choice(CITIES),
+            "vip_level": rng.choice([0, 0, 1, 2, 3]),
+            "tags": rng.sample(["price_sensitive", "anime_fan", "full_price_preference", "night_owl"], k=2),
+        }
+        # A few profiles lack a name: the template needs one, so those messages end render_failed.
+        if rng.random() > 0.03:
+            profile["name"] = rng.choice(FIRST_NAMES)
+        profiles.append(profile)
+    return Shop(profiles=profiles, stock={pid: rng.randint(3, 40) for pid, _, _ in PRODUCTS})
+
+
+def documents(settings: Settings) -> list:
+    return [
+        Channel(id="webhook", provider="webhook", url=f"{settings.sandbox_base}/webhook/shop-app"),
+        Template(
+            id="cart-reminder",
+            title="{{ name }}, your cart misses you",
+            body="{{ name }}, {{ product_name }} is still in your cart — only {{ stock }} left at ¥{{ price }}.",
+            link="https://shop.example/p/{{ product_id }}?utm_campaign=cart-abandon",
+        ),
+        Campaign(
+            id=CAMPAIGN_ID,
+            name="Cart abandonment reminder",
+            trigger=Trigger(event_type="cart_abandoned"),
+            audience=Audience(kind="all"),
+            channel="webhook",
+            template_id="cart-reminder",
+            priority=Priority.normal,
+            daily_cap=2,
+            conversion_event="order_paid",
+            attribution_window_hours=24,
+        ),
+    ]
+
+
+def trigger_events(shop: Shop, seed: int) -> list[Event]:
+    rng = random.Random(seed + 1)
+    now = datetime.now(UTC)
+    events = []
+    for profile in shop.profiles:
+        # Most shoppers abandon one cart; some abandon three, and the daily cap of 2 stops the third.
+        for n in range(rng.choices([0, 1, 3], weights=[25, 65, 10])[0]):
+            product_id, name, price = rng.choice(PRODUCTS)
+            events.append(
+                Event(
+                    event_id=f"cart-{profile['user_id']}-{n}",
+                    event_type="cart_abandoned",
+                    user_id=profile["user_id"],
+                    occurred_at=now,
+                    properties={
+                        "product_id": product_id,
+                        "product_name": name,
+                        "price": price,
+                        "stock": shop.stock[product_id],
+                    },
+                )
+            )
+    return events
+
+
+MALFORMED = [b"{not json", b'{"event_type": "cart_abandoned"}', b"\xc3\x01garbage-after-magic"]
+
+
+async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClient) -> None:
+    """One pass over what the sandbox received and has receipted as delivered."""
+    offset = 0
+    while True:
+        page = (
+            await client.get(
+                f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"offset": offset, "limit": 1000}
+            )
+        ).json()
+        items = page["items"]
+        if not items:
+            return
+        offset += len(items)
+        purchases = []
+        for item in items:
+            body, message_id = item["body"], item["body"]["message_id"]
+            if item["receipt_status"] != "delivered" or message_id in shoppers.seen or not body.get("link"):
+                continue
+            shoppers.seen.add(message_id)
+            if shoppers.roll(message_id, "click") < shoppers.p_click:
+                response = await client.get(body["link"], follow_redirects=False)
+                if response.status_code == 302:
+                    shoppers.clicks += 1
+                    if shoppers.roll(message_id, "buy") < shoppers.p_buy_after_click:
+                        purchases.append(
+                            Event(
+                                event_id=f"order-{message_id}",
+                                event_type="order_paid",
+                                user_id=body["user_id"],
+                                occurred_at=datetime.now(UTC),
+                                properties={"amount": 299.0},
+                            )
+                        )
+        if purchases:
+            shoppers.purchases += len(purchases)
+            await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in purchases])
+
+
+def funnel_row(wh) -> dict:
+    rows = warehouse.funnel(wh, CAMPAIGN_ID)
+    return rows[0] if rows else {}
+
+
+def run_demo(settings: Settings, console: Console, *, users: int, seed: int, keep_running: bool) -> dict:
+    started = time.monotonic()
+    local = stack(settings, progress=lambda msg: console.log(msg))
+    console.rule("[bold]Loopcast demo: cart abandonment")
+    with console.status("starting Kafka, Redis, the provider sandbox and a worker…"):
+        local.up([*INFRA, "sandbox", "worker"])
+    shop = make_shop(users, seed)
+    events = trigger_events(shop, seed)
+    shoppers = Shoppers(seed=seed)
+
+    async def setup() -> None:
+        async with httpx.AsyncClient() as client:
+            await client.post(f"{settings.sandbox_base}/_sandbox/webhook/reset")
+            await client.post(
+                f"{settings.sandbox_base}/_sandbox/webhook/faults",
+                json={"undelivered_rate": 0.06, "error_rate": 0.03, "receipt_delay_ms": 300, "seed": seed},
+            )
+        state = State(settings.redis)
+        await state.put_profiles(shop.profiles)
+        await state.close()
+        await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents(settings)])
+        await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events])
+        await produce_raw(settings.bootstrap, topics.EVENTS.name, [(None, bad) for bad in MALFORMED])
+
+    asyncio.run(setup())
+    console.log(
+        f"shop: {users} shoppers, {len(PRODUCTS)} products; {len(events)} cart_abandoned events "
+        f"and {len(MALFORMED)} malformed ones produced"
+    )
+
+    wh = warehouse.connect(settings)
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            settled = progress.add_task("messages settled", total=len(events))
+
+            def all_terminal() -> bool:
+                row = funnel_row(wh)
+                progress.update(settled, completed=int(row.get("targeted") or 0))
+                return int(row.get("targeted") or 0) >= len(events)
+
+            wait_for(all_terminal, timeout_s=180, what="every message to reach a terminal outcome")
+
+            reacting = progress.add_task("shoppers reacting", total=None)
+
+            def loop_settled() -> bool:
+                asyncio.run(_react_once(settings, shoppers))
+                row = funnel_row(wh)
+                progress.update(
+                    reacting, description=f"shoppers: {shoppers.clicks} clicks, {shoppers.purchases} purchases"
+                )
+                receipts = int(row.get("delivered") or 0) + int(row.get("undelivered") or 0)
+                return (
+                    receipts >= int(row.get("sent") or 0)
+                    and int(row.get("clicked") or 0) >= shoppers.clicks
+                    and int(row.get("converted") or 0) >= shoppers.purchases
+                    and len(shoppers.seen) >= int(row.get("delivered") or 0)
+                )
+
+            wait_for(loop_settled, timeout_s=180, interval_s=0.5, what="receipts, clicks and conversions to settle")
+        row = funnel_row(wh)
+        dead = wh.query("SELECT stage, reason FROM dead_letters FINAL ORDER BY offset")
+    finally:
+        wh.close()
+    console.rule("[bold]Funnel (from ClickHouse)")
+    print_funnel(console, [row])
+    console.print(f"dead letters kept with their reason: {len(dead)}")
+    for letter in dead[:5]:
+        console.print(f"  [dim]{letter['stage']}[/]: {letter['reason'][:100]}")
+    console.print(f"demo finished in {time.monotonic() - started:.0f}s")
+    if keep_running:
+        console.print(
+            "The stack is still running: try [bold]loopcast report funnel[/] or "
+            "[bold]loopcast sql 'SELECT code, count() FROM outcomes GROUP BY code'[/]; "
+            "[bold]loopcast stack down[/] stops it."
+        )
+    else:
+        local.down()
+    return row
+
+
+async def _react_once(settings: Settings, shoppers: Shoppers) -> None:
+    async with httpx.AsyncClient() as client:
+        await react(settings, shoppers, client)

@@ -1,0 +1,160 @@
+"""The worker's HTTP side: tracked-link redirects, provider receipts, event ingest, and the
+read-only SQL endpoint over the chDB this process owns.
+
+Everything that happens here becomes a Kafka record (an outcome or an event); nothing is
+written anywhere else, so the loop stays replayable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from connectors.channels.webhook import SIGNATURE_HEADER, verify
+from connectors.state import State
+from infra import topics
+from infra.settings import Settings
+from schemas.contracts import encode
+from schemas.models import Event, Outcome, OutcomeCode
+from streams.links import read_token
+
+log = logging.getLogger("loopcast.http")
+MAX_INGEST_BATCH = 1000
+
+
+def _ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, UTC)
+
+
+class Endpoints:
+    def __init__(
+        self, settings: Settings, state: State, producer: AIOKafkaProducer, ready: Callable[[], bool] = lambda: True
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.producer = producer
+        self.ready = ready
+
+    async def publish(self, topic: str, key: str, value) -> None:
+        await self.producer.send_and_wait(topic, encode(value), key=key.encode())
+
+    async def health(self, request: web.Request) -> web.Response:
+        ready = self.ready()
+        # ?ready=1 asks "can you process yet" (config caught up), for process supervisors.
+        status = 503 if request.query.get("ready") and not ready else 200
+        return web.json_response({"ok": True, "ready": ready}, status=status)
+
+    async def click(self, request: web.Request) -> web.Response:
+        try:
+            claims = read_token(self.settings.link_secret.get_secret_value(), request.match_info["token"])
+        except (ValueError, json.JSONDecodeError, ValidationError) as exc:
+            raise web.HTTPNotFound(text=f"unknown link: {exc}") from None
+        outcome = Outcome(
+            message_id=claims.message_id,
+            campaign_id=claims.campaign_id,
+            user_id=claims.user_id,
+            channel=claims.channel,
+            code=OutcomeCode.clicked,
+            stage="tracking",
+            triggered_at=_ms(claims.triggered_at_ms),
+        )
+        await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
+        raise web.HTTPFound(claims.url)
+
+    async def webhook_receipt(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not verify(self.settings.webhook_secret.get_secret_value(), body, request.headers.get(SIGNATURE_HEADER)):
+            raise web.HTTPUnauthorized(text="bad signature")
+        try:
+            receipt = json.loads(body)
+            provider_id, status = str(receipt["id"]), receipt["status"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=f"malformed receipt: {exc!r}") from None
+        target = await self.state.receipt_target("webhook", provider_id)
+        if target is None:
+            # Unknown or expired correlation: accept so the provider stops retrying, but say so.
+            log.warning("receipt for unknown provider message id %s", provider_id)
+            return web.json_response({"ok": False, "reason": "unknown message"}, status=202)
+        outcome = Outcome(
+            message_id=target["message_id"],
+            campaign_id=target["campaign_id"],
+            user_id=target["user_id"],
+            channel=target["channel"],
+            code=OutcomeCode.delivered if status == "delivered" else OutcomeCode.undelivered,
+            stage="receipt",
+            reason=None if status == "delivered" else str(receipt.get("error") or status),
+            provider="webhook",
+            provider_message_id=provider_id,
+            triggered_at=datetime.fromisoformat(target["triggered_at"]),
+        )
+        await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
+        return web.json_response({"ok": True})
+
+    async def ingest(self, request: web.Request) -> web.Response:
+        """POST one event or a list of events as JSON; invalid ones are refused with reasons."""
+        try:
+            payload = await request.json()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=f"invalid JSON: {exc}") from None
+        items = payload if isinstance(payload, list) else [payload]
+        if len(items) > MAX_INGEST_BATCH:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_INGEST_BATCH, actual_size=len(items))
+        events, errors = [], []
+        for index, item in enumerate(items):
+            try:
+                events.append(Event.model_validate(item))
+            except ValidationError as exc:
+                errors.append({"index": index, "errors": exc.errors(include_url=False, include_context=False)})
+        if errors:
+            return web.json_response({"accepted": 0, "errors": errors}, status=400, dumps=_dumps)
+        for event in events:
+            await self.producer.send(topics.EVENTS.name, encode(event), key=event.user_id.encode())
+        await self.producer.flush()
+        return web.json_response({"accepted": len(events)}, status=202)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, default=str)
+
+
+def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
+    app = web.Application(client_max_size=8 * 1024 * 1024)
+    app.add_routes(
+        [
+            web.get("/healthz", endpoints.health),
+            web.get("/c/{token}", endpoints.click),
+            web.post("/receipts/webhook", endpoints.webhook_receipt),
+            web.post("/v1/events", endpoints.ingest),
+        ]
+    )
+    if warehouse is not None:
+        from connectors.warehouse import sql_routes
+
+        app.add_routes(sql_routes(warehouse))
+    return app
+
+
+class HttpRunner:
+    def __init__(self, runner: web.AppRunner, producer: AIOKafkaProducer) -> None:
+        self.runner = runner
+        self.producer = producer
+
+    async def cleanup(self) -> None:
+        await self.runner.cleanup()
+        await self.producer.stop()
+
+
+async def start_http(settings: Settings, state: State, warehouse=None, ready=lambda: True) -> HttpRunner:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=2)
+    await producer.start()
+    runner = web.AppRunner(build_app(Endpoints(settings, state, producer, ready), warehouse), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.http_port).start()
+    log.info("HTTP endpoints on %s", settings.http_base)
+    return HttpRunner(runner, producer)

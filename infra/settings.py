@@ -1,0 +1,84 @@
+"""Settings for every Loopcast process: one pydantic-settings class, env prefix LOOPCAST_.
+
+Ports default to a block of their own so a local stack never collides with system services;
+tests move the whole block by setting the port variables.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOPCAST_", extra="ignore")
+
+    # Where the local stack keeps state, logs and pid files.
+    home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loopcast")
+    # Downloaded Kafka jars are shared by every home on the machine (they never change per version).
+    jar_cache: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loopcast-jars")
+
+    host: str = "127.0.0.1"
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    kafka_version: str = "4.3.1"
+    kafka_heap: str = "768m"
+    redis_port: int = 16379
+    # Append-only file for the local Redis; off by default (a dev stack can lose its throttle counters).
+    redis_aof: bool = False
+    # The worker's HTTP port: click redirects, receipts, ingest, and read-only SQL over its chDB.
+    http_port: int = 18800
+    sandbox_port: int = 18900
+
+    # External services: when set, the local stack does not start its own.
+    kafka_bootstrap: str | None = None
+    redis_url: str | None = None
+    clickhouse_url: str | None = None
+
+    app_id: str = "loopcast"
+    partitions: int = 4
+    batch_size: int = 500
+    batch_window_s: float = 0.05
+
+    daily_cap: int = 5
+    webhook_secret: SecretStr = SecretStr("loopcast-dev-webhook-secret")
+    link_secret: SecretStr = SecretStr("loopcast-dev-link-secret")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"{self.host}:{self.kafka_port}"
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def sandbox_base(self) -> str:
+        return f"http://{self.host}:{self.sandbox_port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def chdb_path(self) -> Path:
+        return self.home / "chdb"
+
+    @cached_property
+    def kafka_dir(self) -> Path:
+        return self.home / "kafka"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,183 @@
+"""The pydantic mirrors of the Avro schemas in schemas/avro: what travels on each topic.
+
+A parametrised test checks that every model and its .avsc agree field by field.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+Scalar = bool | int | float | str | None
+Properties = dict[str, Scalar]
+
+
+def to_utc_millis(value: datetime) -> datetime:
+    """Naive times are taken as UTC; Avro timestamp-millis keeps milliseconds, so truncate to them."""
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+Timestamp = Annotated[datetime, AfterValidator(to_utc_millis)]
+
+
+def now_utc() -> datetime:
+    return to_utc_millis(datetime.now(UTC))
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+class Priority(StrEnum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+class OutcomeCode(StrEnum):
+    # Terminal: every message ends with exactly one of these.
+    sent = "sent"
+    failed = "failed"
+    capped = "capped"
+    render_failed = "render_failed"
+    no_address = "no_address"
+    deduplicated = "deduplicated"
+    opted_out = "opted_out"
+    expired = "expired"
+    # Lifecycle after `sent`: receipts and engagement.
+    delivered = "delivered"
+    undelivered = "undelivered"
+    clicked = "clicked"
+    converted = "converted"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_CODES
+
+
+TERMINAL_CODES = frozenset(
+    {
+        OutcomeCode.sent,
+        OutcomeCode.failed,
+        OutcomeCode.capped,
+        OutcomeCode.render_failed,
+        OutcomeCode.no_address,
+        OutcomeCode.deduplicated,
+        OutcomeCode.opted_out,
+        OutcomeCode.expired,
+    }
+)
+
+
+class Severity(StrEnum):
+    info = "info"
+    warning = "warning"
+    critical = "critical"
+
+
+class ConfigKind(StrEnum):
+    campaign = "campaign"
+    template = "template"
+    channel = "channel"
+
+
+class Event(Record):
+    event_id: str = Field(min_length=1, max_length=200)
+    event_type: str = Field(min_length=1, max_length=100)
+    user_id: str = Field(min_length=1, max_length=200)
+    occurred_at: Timestamp
+    properties: Properties = Field(default_factory=dict)
+
+
+class MatchedMessage(Record):
+    message_id: str
+    campaign_id: str
+    user_id: str
+    event_id: str
+    event_type: str
+    channel: str
+    priority: Priority
+    triggered_at: Timestamp
+    properties: Properties = Field(default_factory=dict)
+
+
+class RenderedMessage(Record):
+    message_id: str
+    campaign_id: str
+    user_id: str
+    channel: str
+    priority: Priority
+    triggered_at: Timestamp
+    address: str
+    title: str | None = None
+    body: str
+    link: str | None = None
+
+
+class Outcome(Record):
+    message_id: str
+    campaign_id: str
+    user_id: str
+    channel: str
+    code: OutcomeCode
+    stage: str
+    reason: str | None = None
+    provider: str | None = None
+    provider_message_id: str | None = None
+    triggered_at: Timestamp
+    occurred_at: Timestamp = Field(default_factory=now_utc)
+
+    @classmethod
+    def of(
+        cls,
+        message: MatchedMessage | RenderedMessage,
+        code: OutcomeCode,
+        stage: str,
+        reason: str | None = None,
+        **extra,
+    ) -> Outcome:
+        """The outcome of a message at a stage: the one way every stage reports what happened."""
+        return cls(
+            message_id=message.message_id,
+            campaign_id=message.campaign_id,
+            user_id=message.user_id,
+            channel=message.channel,
+            code=code,
+            stage=stage,
+            reason=reason,
+            triggered_at=message.triggered_at,
+            **extra,
+        )
+
+
+class DeadLetter(Record):
+    stage: str
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    error_type: str
+    key: bytes | None = None
+    original: bytes
+    occurred_at: Timestamp = Field(default_factory=now_utc)
+
+
+class Alert(Record):
+    alert_id: str
+    kind: str
+    severity: Severity
+    subject: str
+    message: str
+    value: float | None = None
+    occurred_at: Timestamp = Field(default_factory=now_utc)
+
+
+class ConfigRecord(Record):
+    kind: ConfigKind
+    id: str
+    version: int
+    body: str

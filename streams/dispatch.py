@@ -1,0 +1,82 @@
+"""Dispatch: hand a rendered message to its channel's provider; the result becomes an outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+from connectors.channels.base import DeliveryResult, DeliveryStatus
+from schemas.models import Outcome, OutcomeCode, RenderedMessage
+from streams.match import Touch
+
+MAX_ATTEMPTS = 3
+BACKOFF_BASE_S = 0.2
+
+
+def backoff_s(attempt: int) -> float:
+    """Exponential: 0.2 s, 0.4 s, … between attempts of a retryable failure."""
+    return BACKOFF_BASE_S * (2 ** (attempt - 1))
+
+
+def outcome_for(message: RenderedMessage, provider: str, result: DeliveryResult, attempts: int) -> Outcome:
+    accepted = result.status is DeliveryStatus.accepted
+    return Outcome.of(
+        message,
+        OutcomeCode.sent if accepted else OutcomeCode.failed,
+        "dispatch",
+        None if accepted else f"{result.error_code} after {attempts} attempt(s): {(result.raw or '')[:200]}",
+        provider=provider,
+        provider_message_id=result.provider_message_id,
+    )
+
+
+def failed_without_provider(message: RenderedMessage, reason: str) -> Outcome:
+    return Outcome.of(message, OutcomeCode.failed, "dispatch", reason)
+
+
+# Requests in flight per dispatch batch: providers are I/O-bound, so overlap them.
+CONCURRENCY = 64
+
+
+async def deliver(rt, message: RenderedMessage) -> Outcome:
+    try:
+        adapter = rt.adapter(message.channel)
+    except (LookupError, ValueError) as exc:
+        return failed_without_provider(message, str(exc))
+    attempt = 1
+    while True:
+        result = await adapter.send(message)
+        if result.status is DeliveryStatus.accepted or not result.retryable or attempt >= MAX_ATTEMPTS:
+            return outcome_for(message, adapter.scheme, result, attempt)
+        await asyncio.sleep(backoff_s(attempt))
+        attempt += 1
+
+
+async def handle(rt, out, messages: list[RenderedMessage]) -> None:
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def bounded(message: RenderedMessage) -> Outcome:
+        async with gate:
+            return await deliver(rt, message)
+
+    outcomes = await asyncio.gather(*(bounded(m) for m in messages))
+    sent = [o for o in outcomes if o.code is OutcomeCode.sent]
+    if sent:
+        await rt.user_state.record_sends(
+            [
+                (
+                    o.user_id,
+                    Touch(
+                        message_id=o.message_id,
+                        campaign_id=o.campaign_id,
+                        channel=o.channel,
+                        triggered_at=o.triggered_at,
+                        sent_at=o.occurred_at,
+                    ),
+                    o.provider,
+                    o.provider_message_id,
+                )
+                for o in sent
+            ]
+        )
+    for outcome in outcomes:
+        out.outcome(outcome)

@@ -1,0 +1,65 @@
+"""Tracked links: the click target and the message it belongs to, signed, so the redirect
+endpoint needs no lookup and cannot be used as an open redirect."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+from pydantic import BaseModel
+
+
+class LinkClaims(BaseModel):
+    message_id: str
+    campaign_id: str
+    user_id: str
+    channel: str
+    triggered_at_ms: int
+    url: str
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: str, body: str) -> str:
+    return _b64(hmac.new(secret.encode(), body.encode(), hashlib.sha256).digest()[:16])
+
+
+def make_token(secret: str, claims: LinkClaims) -> str:
+    compact = [
+        claims.message_id,
+        claims.campaign_id,
+        claims.user_id,
+        claims.channel,
+        claims.triggered_at_ms,
+        claims.url,
+    ]
+    body = _b64(json.dumps(compact, separators=(",", ":")).encode())
+    return f"{body}.{_mac(secret, body)}"
+
+
+def read_token(secret: str, token: str) -> LinkClaims:
+    """Raises ValueError for a token that was not signed by us or is malformed."""
+    body, _, mac = token.partition(".")
+    if not body or not hmac.compare_digest(_mac(secret, body), mac):
+        raise ValueError("bad link signature")
+    message_id, campaign_id, user_id, channel, triggered_at_ms, url = json.loads(_unb64(body))
+    return LinkClaims(
+        message_id=message_id,
+        campaign_id=campaign_id,
+        user_id=user_id,
+        channel=channel,
+        triggered_at_ms=triggered_at_ms,
+        url=url,
+    )
+
+
+def tracked_url(base: str, secret: str, claims: LinkClaims) -> str:
+    return f"{base}/c/{make_token(secret, claims)}"

@@ -1,0 +1,182 @@
+"""What the stages share inside one worker process: settings, config, Redis, providers, the
+output buffer, dead letters; and the service that opens and closes them with the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from dataclasses import dataclass, field
+
+import mode
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from connectors.channels.base import ChannelAdapter, adapter_class
+from connectors.state import State
+from infra import topics
+from infra.settings import Settings
+from schemas.contracts import encode
+from schemas.models import DeadLetter, Outcome, Record
+from streams.config_store import ConfigStore
+
+log = logging.getLogger("loopcast.runtime")
+
+
+@dataclass
+class Output:
+    """Everything a batch produces, sent only after the whole batch was handled: a batch that
+    fails part-way leaves nothing behind, and its input is retried or dead-lettered whole."""
+
+    items: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+
+    def send(self, topic: str, key: str | None, value: Record) -> None:
+        self.items.append((topic, key.encode() if key is not None else None, encode(value)))
+
+    def outcome(self, outcome: Outcome) -> None:
+        self.send(topics.OUTCOMES.name, outcome.user_id, outcome)
+
+    def dead_letter(self, stage: str, topic: str, partition: int, offset: int, key, original, exc) -> None:
+        letter = DeadLetter(
+            stage=stage,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            reason=str(exc)[:2000] or type(exc).__name__,
+            error_type=type(exc).__name__,
+            key=bytes(key) if key is not None else None,
+            original=bytes(original or b""),
+        )
+        self.send(topics.DLQ.name, stage, letter)
+
+    async def flush(self, producer) -> None:
+        # producer.send returns a delivery future: await them all so offsets move on only after
+        # the outputs are in Kafka (at-least-once).
+        futures = [await producer.send(topic, key, value, None, None, None) for topic, key, value in self.items]
+        if futures:
+            await asyncio.gather(*futures)
+        self.items.clear()
+
+
+class ConfigFollower:
+    """Reads the compacted config topic from the start into a ConfigStore, then keeps following.
+
+    `ready` is set once the store has caught up with the topic as it was at start, so no stage
+    handles an event with a partial view of the campaigns.
+    """
+
+    def __init__(self, settings: Settings, store: ConfigStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        await self._consumer.start()
+        partitions = [
+            TopicPartition(topics.CONFIG.name, p)
+            for p in (self._consumer.partitions_for_topic(topics.CONFIG.name) or {0})
+        ]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._end = await self._consumer.end_offsets(partitions)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        positions = {tp: 0 for tp in self._end}
+        if all(end == 0 for end in self._end.values()):
+            self.ready.set()
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500, max_records=1000)
+            for tp, records in batches.items():
+                for record in records:
+                    self.store.apply(record.key.decode() if record.key else "", record.value)
+                    positions[tp] = record.offset + 1
+            if not self.ready.is_set() and all(positions[tp] >= end for tp, end in self._end.items()):
+                log.info("config caught up: %d documents", len(self.store.documents))
+                self.ready.set()
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+
+class Runtime(mode.Service):
+    """Opens what the selected stages need when the worker starts, closes it when it stops."""
+
+    def __init__(self, settings: Settings, *, owns_warehouse: bool, serve_http: bool, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.config = ConfigStore()
+        self.follower = ConfigFollower(settings, self.config)
+        self.user_state: State | None = None
+        self.warehouse = None
+        self.owns_warehouse = owns_warehouse
+        self.serve_http = serve_http
+        self._adapters: dict[str, ChannelAdapter] = {}
+        self._http_runner = None
+        self.opened = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self.user_state = State(self.settings.redis)
+        await self.follower.start()
+        if self.owns_warehouse:
+            from connectors import warehouse
+
+            self.warehouse = await asyncio.to_thread(warehouse.connect, self.settings, owner=True)
+            applied = await asyncio.to_thread(warehouse.migrate, self.warehouse)
+            if applied:
+                log.info("applied ClickHouse migrations: %s", ", ".join(applied))
+        if self.serve_http:
+            from console.http import start_http
+
+            self._http_runner = await start_http(
+                self.settings, self.user_state, self.warehouse, ready=self.follower.ready.is_set
+            )
+        self.opened.set()
+
+    async def wait_ready(self) -> None:
+        await self.opened.wait()
+        await self.follower.ready.wait()
+
+    def adapter(self, channel_id: str) -> ChannelAdapter:
+        """One adapter per channel, built on first use, rebuilt when the channel's config changes."""
+        channel = self.config.channel(channel_id)
+        if channel is None:
+            raise LookupError(f"channel {channel_id!r} not configured")
+        cached = self._adapters.get(channel_id)
+        if cached is not None and cached.channel == channel:
+            return cached
+        cls = adapter_class(channel.provider)
+        adapter = cls(channel, self.credentials(cls))
+        self._adapters[channel_id] = adapter
+        if cached is not None:
+            asyncio.ensure_future(cached.close())
+        return adapter
+
+    def credentials(self, cls: type[ChannelAdapter]):
+        # Secrets come from settings only; each provider's Credentials model says which it needs.
+        if cls.scheme == "webhook":
+            return cls.Credentials(secret=self.settings.webhook_secret)
+        return cls.Credentials()
+
+    async def on_stop(self) -> None:
+        for adapter in self._adapters.values():
+            await adapter.close()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        await self.follower.stop()
+        if self.user_state is not None:
+            await self.user_state.close()
+        if self.warehouse is not None:
+            await asyncio.to_thread(self.warehouse.close)
+
+
+def describe(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,54 @@
+"""The loop, declared once: each stage, the topics it reads and what it writes, in order.
+
+Workers, docs and tests take the stage list from here (like austin's chain or arroyo's strategies).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from infra import topics
+from infra.topics import TopicSpec
+from schemas import models
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[TopicSpec, ...]
+    value: type
+    outputs: tuple[str, ...]
+    # JSON is accepted only where outside producers write (the events topic).
+    accepts_json: bool = False
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("match", (topics.EVENTS,), models.Event, (topics.MATCHED.name, topics.OUTCOMES.name), True),
+    StageSpec("render", (topics.MATCHED,), models.MatchedMessage, (topics.RENDERED.name, topics.OUTCOMES.name)),
+    StageSpec(
+        "throttle",
+        (topics.RENDERED,),
+        models.RenderedMessage,
+        tuple(t.name for t in topics.DISPATCH.values()) + (topics.OUTCOMES.name,),
+    ),
+    # One dispatch stage per tier, so urgent messages never queue behind a marketing backlog.
+    *(
+        StageSpec(f"dispatch.{tier}", (spec,), models.RenderedMessage, (topics.OUTCOMES.name,))
+        for tier, spec in topics.DISPATCH.items()
+    ),
+    StageSpec("feedback", (topics.OUTCOMES,), models.Outcome, ("clickhouse:outcomes",)),
+    StageSpec("feedback.dlq", (topics.DLQ,), models.DeadLetter, ("clickhouse:dead_letters",)),
+)
+
+STAGE_NAMES = tuple(s.name for s in STAGES)
+# Names a person passes to `loopcast worker --stages`: a family selects all its members.
+FAMILIES = ("match", "render", "throttle", "dispatch", "feedback")
+
+
+def select(families: list[str] | None) -> list[StageSpec]:
+    if not families:
+        return list(STAGES)
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {FAMILIES}")
+    return [s for s in STAGES if s.name.split(".")[0] in families]
