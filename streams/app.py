@@ -144,6 +144,10 @@ async def _handle(rt: Runtime, out: Output, spec: StageSpec, handler: Handler, g
 
 
 def run_worker(settings: Settings, stages: list[StageSpec], loglevel: str = "info") -> None:
+    from infra.stack import ensure_topics
+
+    # Topics come with their declared partitions and retention before Faust would make defaults.
+    ensure_topics(settings)
     app, runtime = build(settings, stages)
     worker = faust.Worker(app, runtime, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()
