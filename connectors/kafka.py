@@ -31,17 +31,25 @@ async def produce(bootstrap: str, topic: str, records: Sequence[tuple[str, Recor
     return await produce_raw(bootstrap, topic, ((key.encode(), encode(value)) for key, value in records))
 
 
+async def partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """A new consumer knows no topics until it asks; ask, then list the topic's partitions."""
+    # consumer.topics() fetches metadata into a copy and returns only names; keep the copy.
+    cluster = await consumer._client.fetch_all_metadata()
+    found = cluster.partitions_for_topic(topic)
+    if not found:
+        raise LookupError(f"topic {topic} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(found)]
+
+
 async def read_to_end(bootstrap: str, topic: str, *, timeout_s: float = 30) -> list:
     """Every record of a topic from the beginning up to its end offsets at call time."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not partitions:
-            raise LookupError(f"topic {topic} does not exist")
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
+        assigned = await partitions(consumer, topic)
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        ends = await consumer.end_offsets(assigned)
         records = []
         remaining = {tp for tp, end in ends.items() if end > 0}
         loop = asyncio.get_running_loop()
@@ -64,8 +72,7 @@ async def end_offsets(bootstrap: str, topic: str) -> int:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or []]
-        return sum((await consumer.end_offsets(partitions)).values()) if partitions else 0
+        return sum((await consumer.end_offsets(await partitions(consumer, topic))).values())
     finally:
         await consumer.stop()
 
@@ -78,8 +85,7 @@ async def group_lag(bootstrap: str, group_id: str, topic_names: Sequence[str]) -
     await consumer.start()
     try:
         committed = await admin.list_consumer_group_offsets(group_id)
-        partitions = [TopicPartition(t, p) for t in topic_names for p in consumer.partitions_for_topic(t) or []]
-        ends = await consumer.end_offsets(partitions)
+        ends = await consumer.end_offsets([tp for t in topic_names for tp in await partitions(consumer, t)])
         return sum(
             end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
             for tp, end in ends.items()

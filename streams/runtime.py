@@ -9,9 +9,10 @@ import traceback
 from dataclasses import dataclass, field
 
 import mode
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from connectors.channels.base import ChannelAdapter, adapter_class
+from connectors.kafka import partitions as kafka_partitions
 from connectors.state import State
 from infra import topics
 from infra.settings import Settings
@@ -75,10 +76,7 @@ class ConfigFollower:
             bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False, group_id=None
         )
         await self._consumer.start()
-        partitions = [
-            TopicPartition(topics.CONFIG.name, p)
-            for p in (self._consumer.partitions_for_topic(topics.CONFIG.name) or {0})
-        ]
+        partitions = await kafka_partitions(self._consumer, topics.CONFIG.name)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
         self._end = await self._consumer.end_offsets(partitions)

@@ -1,0 +1,53 @@
+"""The shared batch loop: a poisoned item is isolated and dead-lettered, the rest flow on."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+
+from infra import topics
+from schemas.contracts import codec
+from schemas.models import DeadLetter, Event
+from streams.app import _handle
+from streams.runtime import Output
+from streams.topology import STAGES
+
+pytestmark = pytest.mark.unit
+
+
+@dataclass
+class Message:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+def event(user: str) -> Event:
+    return Event(event_id=f"e-{user}", event_type="t", user_id=user, occurred_at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+async def picky_handler(rt, out: Output, events: list[Event]) -> None:
+    for e in events:
+        if e.user_id == "poison":
+            raise KeyError("no such thing")
+        out.send(topics.MATCHED.name, e.user_id, e)
+
+
+def test_poisoned_item_is_dead_lettered_and_the_rest_pass() -> None:
+    spec = next(s for s in STAGES if s.name == "match")
+    good = [
+        (Message("loopcast.events", 0, n, b"k", f"raw{n}".encode()), event(u))
+        for n, u in enumerate(["a", "poison", "b"])
+    ]
+    out = Output()
+    asyncio.run(_handle(None, out, spec, picky_handler, good))
+    sent = [(topic, key) for topic, key, _ in out.items]
+    assert sent == [(topics.MATCHED.name, b"a"), (topics.DLQ.name, b"match"), (topics.MATCHED.name, b"b")]
+    letter = codec(DeadLetter).decode(out.items[1][2])
+    assert (letter.offset, letter.original, letter.stage) == (1, b"raw1", "match")
+    assert "KeyError" in letter.reason and "no such thing" in letter.reason
