@@ -56,6 +56,8 @@ class Shoppers:
     seen: set[str] = field(default_factory=set)
     clicks: int = 0
     purchases: int = 0
+    # Conversions are credited to each buyer's last message, so converted messages = buyers.
+    buyers: set[str] = field(default_factory=set)
 
     def roll(self, message_id: str, what: str) -> float:
         return random.Random(f"{self.seed}:{message_id}:{what}").random()
@@ -165,6 +167,7 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
                         )
         if purchases:
             shoppers.purchases += len(purchases)
+            shoppers.buyers |= {e.user_id for e in purchases}
             await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in purchases])
 
 
@@ -229,7 +232,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
                 return (
                     receipts >= int(row.get("sent") or 0)
                     and int(row.get("clicked") or 0) >= shoppers.clicks
-                    and int(row.get("converted") or 0) >= shoppers.purchases
+                    and int(row.get("converted") or 0) >= len(shoppers.buyers)
                     and len(shoppers.seen) >= int(row.get("delivered") or 0)
                 )
 

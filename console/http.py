@@ -78,9 +78,10 @@ class Endpoints:
             raise web.HTTPBadRequest(text=f"malformed receipt: {exc!r}") from None
         target = await self.state.receipt_target("webhook", provider_id)
         if target is None:
-            # Unknown or expired correlation: accept so the provider stops retrying, but say so.
-            log.warning("receipt for unknown provider message id %s", provider_id)
-            return web.json_response({"ok": False, "reason": "unknown message"}, status=202)
+            # The receipt can overtake our record of the send; a 404 makes the provider retry,
+            # as SMS gateways and push services do for any non-2xx answer.
+            log.info("receipt for provider message id %s not known yet", provider_id)
+            return web.json_response({"ok": False, "reason": "unknown message id"}, status=404)
         outcome = Outcome(
             message_id=target["message_id"],
             campaign_id=target["campaign_id"],

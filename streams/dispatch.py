@@ -37,6 +37,16 @@ def failed_without_provider(message: RenderedMessage, reason: str) -> Outcome:
 CONCURRENCY = 64
 
 
+def touch_of(outcome: Outcome) -> Touch:
+    return Touch(
+        message_id=outcome.message_id,
+        campaign_id=outcome.campaign_id,
+        channel=outcome.channel,
+        triggered_at=outcome.triggered_at,
+        sent_at=outcome.occurred_at,
+    )
+
+
 async def deliver(rt, message: RenderedMessage) -> Outcome:
     try:
         adapter = rt.adapter(message.channel)
@@ -46,7 +56,14 @@ async def deliver(rt, message: RenderedMessage) -> Outcome:
     while True:
         result = await adapter.send(message)
         if result.status is DeliveryStatus.accepted or not result.retryable or attempt >= MAX_ATTEMPTS:
-            return outcome_for(message, adapter.scheme, result, attempt)
+            outcome = outcome_for(message, adapter.scheme, result, attempt)
+            if outcome.code is OutcomeCode.sent:
+                # Right away, not at the end of the batch: a provider's receipt can come back
+                # within milliseconds and must find its message.
+                await rt.user_state.record_sends(
+                    [(outcome.user_id, touch_of(outcome), outcome.provider, outcome.provider_message_id)]
+                )
+            return outcome
         await asyncio.sleep(backoff_s(attempt))
         attempt += 1
 
@@ -58,25 +75,5 @@ async def handle(rt, out, messages: list[RenderedMessage]) -> None:
         async with gate:
             return await deliver(rt, message)
 
-    outcomes = await asyncio.gather(*(bounded(m) for m in messages))
-    sent = [o for o in outcomes if o.code is OutcomeCode.sent]
-    if sent:
-        await rt.user_state.record_sends(
-            [
-                (
-                    o.user_id,
-                    Touch(
-                        message_id=o.message_id,
-                        campaign_id=o.campaign_id,
-                        channel=o.channel,
-                        triggered_at=o.triggered_at,
-                        sent_at=o.occurred_at,
-                    ),
-                    o.provider,
-                    o.provider_message_id,
-                )
-                for o in sent
-            ]
-        )
-    for outcome in outcomes:
+    for outcome in await asyncio.gather(*(bounded(m) for m in messages)):
         out.outcome(outcome)

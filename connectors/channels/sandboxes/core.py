@@ -37,6 +37,7 @@ class Received:
     received_at: float
     body: dict[str, Any]
     receipt_status: str | None = None
+    receipt_acknowledged: bool = False
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Sandbox:
             for attempt in range(5):
                 try:
                     await send(item, status)
+                    item.receipt_acknowledged = True
                     return
                 except Exception:  # noqa: BLE001 - a provider retries receipts; so do we
                     await asyncio.sleep(0.2 * 2**attempt)
@@ -123,6 +125,7 @@ class Sandbox:
             "unique_messages": len({r.body.get("message_id") for r in self.received}),
             "rejected": self.rejected,
             "receipts": sum(1 for r in self.received if r.receipt_status),
+            "receipts_acknowledged": sum(1 for r in self.received if r.receipt_acknowledged),
             "latency_ms": {
                 "p50": pct(0.5),
                 "p90": pct(0.9),

@@ -17,7 +17,7 @@ def routes(box: Sandbox, secret: str, receipt_url: str) -> list[web.RouteDef]:
         body = json.dumps({"id": item.provider_message_id, "status": status, "ts": int(time.time() * 1000)}).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body, int(time.time()))}
         async with box.client().post(receipt_url, data=body, headers=headers) as response:
-            if response.status >= 500:
+            if response.status >= 300:
                 raise RuntimeError(f"receipt endpoint answered {response.status}")
 
     async def receive(request: web.Request) -> web.Response:
