@@ -124,7 +124,9 @@ def test_events_to_funnel(worker) -> None:
         )
 
         # A click through the tracked link, then a purchase: clicked and converted outcomes.
-        clicked = arrived[0]["body"]
+        # A user with one message, so the purchase is credited to the message that was clicked
+        # (conversions go to the user's last message of the campaign).
+        clicked = next(i["body"] for i in arrived if i["body"]["user_id"] != USERS[0])
         response = httpx.get(clicked["link"], follow_redirects=False)
         assert response.status_code == 302 and response.headers["location"] == "https://shop.example/p-1"
         assert httpx.get(clicked["link"][:-3] + "xyz", follow_redirects=False).status_code == 404
