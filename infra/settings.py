@@ -27,8 +27,8 @@ class Settings(BaseSettings):
     kafka_version: str = "4.3.1"
     kafka_heap: str = "768m"
     redis_port: int = 16379
-    # Append-only file for the local Redis; off by default (a dev stack can lose its throttle counters).
-    redis_aof: bool = False
+    # Append-only file on for a stack people use (the demo); tests turn it off for speed.
+    redis_aof: bool = True
     # The worker's HTTP port: click redirects, receipts, ingest, and read-only SQL over its chDB.
     http_port: int = 18800
     sandbox_port: int = 18900

@@ -32,6 +32,7 @@ def stack_env(tmp_path_factory) -> Settings:
         "LOOPCAST_HOME": str(tmp_path_factory.mktemp("loopcast-home")),
         "LOOPCAST_APP_ID": "loopcast-test",
         "LOOPCAST_PARTITIONS": "2",
+        "LOOPCAST_REDIS_AOF": "false",
     }
     os.environ.update(env)
     return Settings()

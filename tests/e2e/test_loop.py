@@ -72,15 +72,21 @@ def outcome_rows(wh) -> list[dict]:
     )
 
 
-def test_events_to_funnel(worker) -> None:
-    settings = worker
+@pytest.fixture(scope="module")
+def e2e_campaign(worker):
+    """The channel, template and campaign these tests use, published once."""
+    asyncio.run(produce(worker.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents(worker)]))
+    return worker
+
+
+def test_events_to_funnel(e2e_campaign) -> None:
+    settings = e2e_campaign
     httpx.post(f"{settings.sandbox_base}/_sandbox/webhook/faults", json={"receipt_delay_ms": 50}).raise_for_status()
 
     async def setup() -> None:
         state = State(settings.redis)
         await state.put_profiles([{"user_id": u, "name": f"N{u[-2:]}"} for u in USERS] + [{"user_id": NONAME}])
         await state.close()
-        await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents(settings)])
         # 20 users once; USERS[0] twice more (the daily cap of 2 stops the third); one user with no name.
         events = [cart(u) for u in USERS] + [cart(USERS[0], 1), cart(USERS[0], 2), cart(NONAME)]
         await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events])
@@ -153,3 +159,43 @@ def test_events_to_funnel(worker) -> None:
     ).stdout
     [row] = json.loads(out)
     assert (row["targeted"], row["sent"], row["delivered"], row["clicked"], row["converted"]) == (23, 21, 21, 1, 1)
+
+
+def test_http_ingest(e2e_campaign) -> None:
+    """Events posted over HTTP take the same path; an invalid batch is refused whole, with reasons."""
+    settings = e2e_campaign
+    url = f"{settings.http_base}/v1/events"
+    refused = httpx.post(
+        url,
+        json=[
+            {"event_id": "ok", "event_type": "e2e_cart", "user_id": "x", "occurred_at": "2026-11-24T00:00:00Z"},
+            {"event_type": "e2e_cart"},
+        ],
+    )
+    assert refused.status_code == 400
+    assert [e["index"] for e in refused.json()["errors"]] == [1]
+    assert httpx.post(url, content=b"{nope").status_code == 400
+
+    asyncio.run(_put_profile(settings, "e2e-http-user"))
+    body = {
+        "event_id": "http-1",
+        "event_type": "e2e_cart",
+        "user_id": "e2e-http-user",
+        "occurred_at": datetime.now(UTC).isoformat(),
+        "properties": {"sku": "p-9"},
+    }
+    accepted = httpx.post(url, json=body)
+    assert accepted.status_code == 202 and accepted.json() == {"accepted": 1}
+    wait_for(
+        lambda: any(i["body"]["user_id"] == "e2e-http-user" for i in sandbox_items(settings)),
+        timeout_s=60,
+        what="the ingested event's message at the sandbox",
+    )
+    [item] = [i for i in sandbox_items(settings) if i["body"]["user_id"] == "e2e-http-user"]
+    assert item["body"]["body"] == "Nhttp-user, p-9 is waiting"
+
+
+async def _put_profile(settings, user_id: str) -> None:
+    state = State(settings.redis)
+    await state.put_profiles([{"user_id": user_id, "name": f"N{user_id[4:]}"}])
+    await state.close()

@@ -198,6 +198,8 @@ def test_stale_pid_file_is_replaced(stack: Stack, settings: Settings) -> None:
     assert old is not None
     os.kill(old.pid, signal.SIGKILL)  # redis dies behind the stack's back
     wait_for(lambda: not old.is_alive(), 10, what="redis to die")
+    # The process can be gone a moment before the kernel has closed its listening socket.
+    wait_for(lambda: not _port_open("127.0.0.1", REDIS_PORT), 10, what="redis's port to close")
     assert pid_file.exists()
 
     stack.up([REDIS])
