@@ -569,6 +569,49 @@ class Warehouse(ABC):
         self.__dict__.pop("_columns_cache", None)
 
 
+class _SqlEngine(Warehouse):
+    """query, command and insert for engines that run SQL themselves (chDB, a server): the guard,
+    error wrapping and result decoding live here; an engine supplies three primitives."""
+
+    @abstractmethod
+    def _query_parquet(self, statement: str, parameters: dict[str, Any] | None) -> bytes: ...
+
+    @abstractmethod
+    def _command(self, sql: str) -> None: ...
+
+    @abstractmethod
+    def _write(self, database: str | None, name: str, arrow: pa.Table) -> int: ...
+
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except WarehouseError:
+            raise
+        except Exception as exc:
+            raise WarehouseQueryError(str(exc)) from None
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        data = self._call(self._query_parquet, ensure_read_only(sql) + READ_ONLY_SUFFIX, parameters)
+        try:
+            return _rows_from_parquet(data)
+        except (pa.ArrowException, OSError) as exc:
+            raise WarehouseQueryError(f"unreadable result (no FORMAT clause, please): {exc}") from None
+
+    def command(self, sql: str) -> None:
+        try:
+            self._call(self._command, sql)
+        finally:
+            self._forget_columns()
+
+    def insert(self, table: str, rows: list[dict[str, Any]]) -> int:
+        if not rows:
+            return 0
+        database, name = _parse_table_name(table)
+        arrow = _arrow_table(table, rows, self._table_columns(table))
+        return self._call(self._write, database, name, arrow)
+
+
 # --------------------------------------------------------------------------------------------
 # chDB
 
@@ -622,7 +665,7 @@ def _lock_holder(path: Path) -> tuple[bool, int | None]:
         os.close(fd)
 
 
-class EmbeddedWarehouse(Warehouse):
+class EmbeddedWarehouse(_SqlEngine):
     """chDB on a data directory, owned by this process while open.
 
     Another process opening the same directory gets WarehouseLocked; opening a second, different
@@ -699,33 +742,16 @@ class EmbeddedWarehouse(Warehouse):
                 raise WarehouseError(f"the warehouse at {self.path} is closed")
             yield self._conn
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        statement = ensure_read_only(sql)
+    def _query_parquet(self, statement: str, parameters: dict[str, Any] | None) -> bytes:
         params = encode_parameters(parameters)
         with self._engine() as conn:
-            try:
-                data = conn.query(statement + READ_ONLY_SUFFIX, "Parquet", params=params).bytes()
-            except Exception as exc:
-                raise WarehouseQueryError(str(exc)) from None
-        try:
-            return _rows_from_parquet(data)
-        except (pa.ArrowException, OSError) as exc:
-            raise WarehouseQueryError(f"unreadable result (no FORMAT clause, please): {exc}") from None
+            return conn.query(statement, "Parquet", params=params).bytes()
 
-    def command(self, sql: str) -> None:
+    def _command(self, sql: str) -> None:
         with self._engine() as conn:
-            try:
-                conn.query(sql, "Null")
-            except Exception as exc:
-                raise WarehouseQueryError(str(exc)) from None
-            finally:
-                self._forget_columns()
+            conn.query(sql, "Null")
 
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> int:
-        if not rows:
-            return 0
-        database, name = _parse_table_name(table)
-        arrow = _arrow_table(table, rows, self._table_columns(table))
+    def _write(self, database: str | None, name: str, arrow: pa.Table) -> int:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, arrow.schema) as writer:
             writer.write_table(arrow)
@@ -733,20 +759,16 @@ class EmbeddedWarehouse(Warehouse):
         target = f"`{database}`.`{name}`" if database else f"`{name}`"
         columns = ", ".join(f"`{c}`" for c in arrow.column_names)
         with self._engine() as conn:
-            try:
-                inserter = conn.send_insert(f"INSERT INTO {target} ({columns})", "ArrowStream")
-            except Exception as exc:
-                raise WarehouseQueryError(str(exc)) from None
+            inserter = conn.send_insert(f"INSERT INTO {target} ({columns})", "ArrowStream")
             try:
                 inserter.append(payload)
-                result = inserter.finish()
-            except Exception as exc:
+                return int(inserter.finish().rows_written)
+            except Exception:
                 try:
                     inserter.cancel()
                 except Exception:  # the engine already gave up on the insert
                     pass
-                raise WarehouseQueryError(str(exc)) from None
-        return int(result.rows_written)
+                raise
 
     def close(self) -> None:
         with _CHDB_LOCK:
@@ -785,7 +807,7 @@ class _BoundText:
 _SERVER_PARQUET_SETTINGS = {"output_format_parquet_string_as_string": 1, "output_format_parquet_datetime_as_uint32": 0}
 
 
-class ServerWarehouse(Warehouse):
+class ServerWarehouse(_SqlEngine):
     """A ClickHouse server via clickhouse-connect; the client connects on first use."""
 
     engine = "clickhouse"
@@ -817,39 +839,16 @@ class ServerWarehouse(Warehouse):
             return None
         return {name: _BoundText(text) for name, text in encoded.items()}
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        statement = ensure_read_only(sql) + READ_ONLY_SUFFIX
+    def _query_parquet(self, statement: str, parameters: dict[str, Any] | None) -> bytes:
         bound = self.server_parameters(statement, parameters)
-        client = self.client
-        try:
-            # Sent as request settings, applied before the query's own SETTINGS readonly=1.
-            data = client.raw_query(statement, parameters=bound, settings=_SERVER_PARQUET_SETTINGS, fmt="Parquet")
-        except Exception as exc:
-            raise WarehouseQueryError(str(exc)) from None
-        try:
-            return _rows_from_parquet(data)
-        except (pa.ArrowException, OSError) as exc:
-            raise WarehouseQueryError(f"unreadable result (no FORMAT clause, please): {exc}") from None
+        # Sent as request settings, applied before the query's own SETTINGS readonly=1.
+        return self.client.raw_query(statement, parameters=bound, settings=_SERVER_PARQUET_SETTINGS, fmt="Parquet")
 
-    def command(self, sql: str) -> None:
-        client = self.client
-        try:
-            client.command(sql)
-        except Exception as exc:
-            raise WarehouseQueryError(str(exc)) from None
-        finally:
-            self._forget_columns()
+    def _command(self, sql: str) -> None:
+        self.client.command(sql)
 
-    def insert(self, table: str, rows: list[dict[str, Any]]) -> int:
-        if not rows:
-            return 0
-        database, name = _parse_table_name(table)
-        arrow = _arrow_table(table, rows, self._table_columns(table))
-        client = self.client
-        try:
-            client.insert_arrow(name, arrow, database=database)
-        except Exception as exc:
-            raise WarehouseQueryError(str(exc)) from None
+    def _write(self, database: str | None, name: str, arrow: pa.Table) -> int:
+        self.client.insert_arrow(name, arrow, database=database)
         return arrow.num_rows
 
     def close(self) -> None:
