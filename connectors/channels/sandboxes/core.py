@@ -91,7 +91,13 @@ class Sandbox:
         return item
 
     def schedule_receipt(self, item: Received, send: Callable[[Received, str], Awaitable[None]]) -> None:
-        status = "undelivered" if self.rng.random() < self.faults.undelivered_rate else "delivered"
+        # With a seed, a message's fate depends on the seed and its id alone, so a rerun (or a
+        # redelivery) meets the same fate; without one, each send rolls afresh.
+        key = item.body.get("message_id")
+        roll = (
+            random.Random(f"{self.faults.seed}:{key}").random() if self.faults.seed is not None else self.rng.random()
+        )
+        status = "undelivered" if roll < self.faults.undelivered_rate else "delivered"
         item.receipt_status = status
 
         async def later() -> None:
