@@ -1059,7 +1059,7 @@ def migrate(warehouse: Warehouse, migrations: Sequence[Migration] | None = None)
 
 OUTCOME_COLUMNS = (
     "message_id", "campaign_id", "user_id", "channel", "code", "stage", "reason", "provider",
-    "provider_message_id", "triggered_at", "occurred_at",
+    "provider_message_id", "triggered_at", "occurred_at", "variant",
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = (
     "stage", "topic", "partition", "offset", "reason", "error_type", "key", "original", "occurred_at",

@@ -103,6 +103,7 @@ class MatchedMessage(Record):
     priority: Priority
     triggered_at: Timestamp
     properties: Properties = Field(default_factory=dict)
+    variant: str | None = None
 
 
 class RenderedMessage(Record):
@@ -116,6 +117,10 @@ class RenderedMessage(Record):
     title: str | None = None
     body: str
     link: str | None = None
+    variant: str | None = None
+    html: str | None = None
+    image_url: str | None = None
+    extra: str | None = None
 
 
 class Outcome(Record):
@@ -130,6 +135,7 @@ class Outcome(Record):
     provider_message_id: str | None = None
     triggered_at: Timestamp
     occurred_at: Timestamp = Field(default_factory=now_utc)
+    variant: str | None = None
 
     @classmethod
     def of(
@@ -150,6 +156,7 @@ class Outcome(Record):
             stage=stage,
             reason=reason,
             triggered_at=message.triggered_at,
+            variant=message.variant,
             **extra,
         )
 
