@@ -30,6 +30,14 @@ def receipt_key(provider: str, provider_message_id: str) -> str:
     return f"receipt:{provider}:{provider_message_id}"
 
 
+def ab_key(campaign_id: str) -> str:
+    return f"ab:state:{campaign_id}"
+
+
+def held_key(campaign_id: str) -> str:
+    return f"ab:held:{campaign_id}"
+
+
 # Counts a message against a cap at most once: a message already in the set is allowed again
 # (a redelivery), a new one only while the set is below its limit. Atomic per script call, so
 # concurrent workers can never exceed a cap together.
@@ -113,3 +121,31 @@ class State:
     async def receipt_target(self, provider: str, provider_message_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(receipt_key(provider, provider_message_id))
         return json.loads(raw) if raw else None
+
+    # A/B tests ------------------------------------------------------------------------------
+    async def ab_states(self, campaign_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The live decision per campaign: status, winner, bandit shares (written by the A/B loop)."""
+        if not campaign_ids:
+            return {}
+        raw = await self.redis.mget([ab_key(c) for c in campaign_ids])
+        return {c: json.loads(r) for c, r in zip(campaign_ids, raw, strict=True) if r}
+
+    async def set_ab_state(self, campaign_id: str, state: dict[str, Any]) -> None:
+        await self.redis.set(ab_key(campaign_id), json.dumps(state))
+
+    async def hold(self, campaign_id: str, messages: Sequence[bytes]) -> None:
+        """Messages waiting for a test's winner (test-then-winner: everyone outside the test share).
+
+        Kept in Redis (AOF in production) rather than in the worker, so they survive a restart."""
+        if messages:
+            await self.redis.rpush(held_key(campaign_id), *messages)
+
+    async def peek_held(self, campaign_id: str, batch: int = 1000) -> list[bytes]:
+        return await self.redis.lrange(held_key(campaign_id), 0, batch - 1)
+
+    async def drop_held(self, campaign_id: str, count: int) -> None:
+        """After the peeked messages are safely in Kafka: at-least-once, never lost."""
+        await self.redis.ltrim(held_key(campaign_id), count, -1)
+
+    async def held_count(self, campaign_id: str) -> int:
+        return await self.redis.llen(held_key(campaign_id))

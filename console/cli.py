@@ -204,11 +204,11 @@ def report_funnel(
 ) -> None:
     """Targeted → sent → delivered → clicked → converted per campaign, with rates."""
     from connectors import warehouse
-    from console.reports import print_funnel
+    from console.reports import funnel_report, print_funnel
 
     wh = warehouse.connect(Settings())
     try:
-        rows = warehouse.funnel(wh, campaign)
+        rows = funnel_report(wh, campaign)
     finally:
         wh.close()
     if format is Format.json:
@@ -229,12 +229,90 @@ def demo(
     run_demo(Settings(), console, users=users, seed=seed, keep_running=keep_running)
 
 
-@app.command()
+bench_app = typer.Typer(help="Benchmarks (not tests): numbers for this machine, printed as tables.")
+app.add_typer(bench_app, name="bench")
+ab_app = typer.Typer(help="A/B tests: the decision rule on any numbers.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     events: Annotated[int, typer.Option(help="Trigger events pushed through the pipeline.")] = 20_000,
     raw_messages: Annotated[int, typer.Option(help="Messages for the raw Kafka baseline.")] = 200_000,
 ) -> None:
     """Raw Kafka throughput, then the whole pipeline's throughput and latency, in one run."""
+    if ctx.invoked_subcommand is not None:
+        return
     from console.bench import run_bench
 
     run_bench(Settings(), console, events=events, raw_messages=raw_messages)
+
+
+@bench_app.command("render")
+def bench_render(messages: Annotated[int, typer.Option(help="Messages rendered per channel.")] = 20_000) -> None:
+    """Render + adapt throughput of a typical template, per channel, on one core."""
+    from console.bench import run_render_bench
+
+    run_render_bench(console, messages=messages)
+
+
+@bench_app.command("ab")
+def bench_ab(trials: Annotated[int, typer.Option(help="Simulated experiments per scenario.")] = 500) -> None:
+    """The A/B rule under continuous monitoring: correct and false winners, samples to a decision."""
+    from streams.copy.variants import bench_table
+
+    with console.status(f"simulating {trials} experiments per scenario…"):
+        rows = bench_table(trials=trials)
+    print_rows(rows, Format.table, title="A/B decision rule, simulated (continuous monitoring)")
+
+
+@ab_app.command("decide")
+def ab_decide(
+    stats: Annotated[Path, typer.Option(help="JSON: experiment, per-variant stats, deadline_passed.")],
+) -> None:
+    """Print the decision for these numbers as JSON: winner or continue, probabilities, reason."""
+    from streams.copy.variants import Experiment, VariantStats, decide
+
+    data = json.loads(stats.read_text())
+    try:
+        experiment = Experiment.model_validate(data["experiment"])
+        variant_stats = [VariantStats.model_validate(s) for s in data["stats"]]
+    except (KeyError, ValidationError) as exc:
+        raise fail(f"{stats}: {exc}") from None
+    decision = decide(variant_stats, experiment, deadline_passed=bool(data.get("deadline_passed")))
+    console.print_json(decision.model_dump_json())
+
+
+@app.command()
+def render(
+    template: Annotated[Path, typer.Argument(help="A template document (YAML or JSON).")],
+    profile: Annotated[Path, typer.Option(help="The user's profile as JSON.")],
+    channel: Annotated[str, typer.Option(help="A channel format: sms, sms-cn, push-fcm, email, wecom, …")],
+    event: Annotated[Path | None, typer.Option(help="The trigger event (or just its properties) as JSON.")] = None,
+    brand: Annotated[str | None, typer.Option(help="Signature for SMS formats.")] = None,
+) -> None:
+    """Preview a template adapted to one channel, as JSON; nothing is sent."""
+    from schemas.config import Template
+    from streams.copy.channels import RULES, AdaptationError
+    from streams.copy.language import MissingField
+    from streams.render import preview
+
+    if channel not in RULES:
+        raise fail(f"unknown channel format {channel!r}; choose from {', '.join(sorted(RULES))}")
+    try:
+        [document] = _load_documents(template)
+        parsed = Template.model_validate({"kind": "template", "id": template.stem, **document})
+    except (ValueError, ValidationError) as exc:
+        raise fail(f"{template}: {exc}") from None
+    try:
+        result = preview(
+            parsed,
+            json.loads(profile.read_text()),
+            json.loads(event.read_text()) if event else {},
+            channel,
+            brand=brand,
+        )
+    except (MissingField, AdaptationError) as exc:
+        raise fail(f"cannot render for {channel}: {exc}") from None
+    console.print_json(json.dumps(result, ensure_ascii=False))

@@ -141,21 +141,11 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
     return app
 
 
-class HttpRunner:
-    def __init__(self, runner: web.AppRunner, producer: AIOKafkaProducer) -> None:
-        self.runner = runner
-        self.producer = producer
-
-    async def cleanup(self) -> None:
-        await self.runner.cleanup()
-        await self.producer.stop()
-
-
-async def start_http(settings: Settings, state: State, warehouse=None, ready=lambda: True) -> HttpRunner:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap, linger_ms=2)
-    await producer.start()
+async def start_http(
+    settings: Settings, state: State, producer: AIOKafkaProducer, warehouse=None, ready=lambda: True
+) -> web.AppRunner:
     runner = web.AppRunner(build_app(Endpoints(settings, state, producer, ready), warehouse), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.http_port).start()
     log.info("HTTP endpoints on %s", settings.http_base)
-    return HttpRunner(runner, producer)
+    return runner

@@ -14,6 +14,28 @@ def bar(value: int, top: int) -> str:
     return "█" * filled + "·" * (BAR_WIDTH - filled)
 
 
+VARIANTS_SQL = (
+    "SELECT variant, sent, delivered, clicked, converted, ctr, cvr FROM variant_funnel "
+    "WHERE campaign_id = {campaign:String} ORDER BY variant"
+)
+DECISION_SQL = (
+    "SELECT status, winner, metric, samples, probabilities, reason, decided_at FROM ab_decisions "
+    "WHERE campaign_id = {campaign:String} ORDER BY decided_at DESC LIMIT 1"
+)
+
+
+def funnel_report(warehouse, campaign_id: str | None = None) -> list[dict]:
+    """The campaign funnel, with each campaign's variants and its latest A/B decision."""
+    from connectors.warehouse import funnel
+
+    rows = funnel(warehouse, campaign_id)
+    for row in rows:
+        row["variants"] = warehouse.query(VARIANTS_SQL, {"campaign": row["campaign_id"]})
+        decision = warehouse.query(DECISION_SQL, {"campaign": row["campaign_id"]})
+        row["decision"] = decision[0] if decision else None
+    return rows
+
+
 def print_funnel(console: Console, rows: list[dict]) -> None:
     if not rows:
         console.print("no outcomes in ClickHouse yet")
@@ -34,3 +56,23 @@ def print_funnel(console: Console, rows: list[dict]) -> None:
             f"CVR [bold]{float(row.get('cvr') or 0):.1%}[/]   "
             f"failed {int(row.get('failed') or 0):,}   suppressed {int(row.get('suppressed') or 0):,}\n"
         )
+        if row.get("variants"):
+            variants = Table(
+                "variant", "sent", "clicked", "converted", "CTR", "CVR", title="A/B variants", show_edge=False
+            )
+            for v in row["variants"]:
+                variants.add_row(
+                    str(v["variant"]),
+                    f"{int(v['sent']):,}",
+                    f"{int(v['clicked']):,}",
+                    f"{int(v['converted']):,}",
+                    f"{float(v['ctr']):.1%}",
+                    f"{float(v['cvr']):.1%}",
+                )
+            console.print(variants)
+        if row.get("decision"):
+            d = row["decision"]
+            console.print(
+                f"  A/B decision: [bold]{d['status']}[/] {d['winner'] or ''} "
+                f"({d['metric']}, {int(d['samples']):,} exposures): {d['reason']}\n"
+            )

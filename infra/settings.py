@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     batch_window_s: float = 0.02
 
     daily_cap: int = 5
+    # How often the A/B loop re-reads variant stats and decides.
+    ab_interval_s: float = 5.0
     webhook_secret: SecretStr = SecretStr("loopcast-dev-webhook-secret")
     link_secret: SecretStr = SecretStr("loopcast-dev-link-secret")
 

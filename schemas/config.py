@@ -6,11 +6,13 @@ and again when a worker materialises them.
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import datetime
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from schemas.models import ConfigKind, ConfigRecord, Priority
+from streams.copy.variants import Experiment
 
 
 class Document(BaseModel):
@@ -40,6 +42,15 @@ class Audience(BaseModel):
     user_ids: list[str] = Field(default_factory=list)
 
 
+class CampaignVariant(BaseModel):
+    """One copy of an A/B test: its own template, a share of the test traffic."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=50)
+    template_id: str
+    weight: float = Field(default=1.0, gt=0)
+
+
 class Campaign(Document):
     kind: Literal[ConfigKind.campaign] = ConfigKind.campaign
     name: str
@@ -47,7 +58,15 @@ class Campaign(Document):
     trigger: Trigger
     audience: Audience = Field(default_factory=Audience)
     channel: str
-    template_id: str
+    # One template, or 2–5 variants of which the experiment picks a winner.
+    template_id: str | None = None
+    variants: list[CampaignVariant] = Field(default_factory=list, max_length=5)
+    experiment: Experiment | None = None
+    # After this, an undecided experiment falls back to experiment.fallback.
+    decide_by: datetime | None = None
+    # A field missing at send time: use a default (inline `${x!"d"}` first, then these), or suppress.
+    missing_fields: Literal["use_default", "suppress"] = "use_default"
+    field_defaults: dict[str, str] = Field(default_factory=dict)
     priority: Priority = Priority.normal
     # Messages per user per local day across all campaigns; None uses the global setting.
     daily_cap: int | None = Field(default=None, ge=0)
@@ -55,13 +74,55 @@ class Campaign(Document):
     conversion_event: str | None = None
     attribution_window_hours: int = Field(default=72, ge=1)
 
+    @model_validator(mode="after")
+    def _copy_is_declared(self) -> Campaign:
+        if bool(self.template_id) == bool(self.variants):
+            raise ValueError("a campaign has either template_id or variants (2 to 5), not both or neither")
+        if self.variants:
+            ids = [v.id for v in self.variants]
+            if len(ids) < 2 or len(set(ids)) != len(ids):
+                raise ValueError("variants: 2 to 5, with distinct ids")
+            if self.experiment is None:
+                self.experiment = Experiment(fallback=ids[0])
+            if self.experiment.fallback not in ids:
+                raise ValueError(f"experiment.fallback {self.experiment.fallback!r} is not one of the variants {ids}")
+        return self
+
+    def template_for(self, variant: str | None) -> str | None:
+        if variant is None:
+            return self.template_id
+        return next((v.template_id for v in self.variants if v.id == variant), None)
+
 
 class Template(Document):
+    """One content, written once, adapted to every channel by its format rules at render time."""
+
     kind: Literal[ConfigKind.template] = ConfigKind.template
     title: str | None = None
+    # The short text: what small channels (SMS, push) show.
     body: str
+    long_text: str | None = None
+    image_url: str | None = None
     # Where a click should land; rendered like the body, then wrapped in a tracked redirect.
     link: str | None = None
+    cta: str | None = None
+
+    PARTS: ClassVar[tuple[str, ...]] = ("title", "body", "long_text", "image_url", "link", "cta")
+
+    def parts(self) -> dict[str, str]:
+        return {part: getattr(self, part) for part in self.PARTS if getattr(self, part)}
+
+    @model_validator(mode="after")
+    def _compiles(self) -> Template:
+        """Authoring errors surface when the template is saved, with part, line and column."""
+        from streams.copy.language import TemplateSyntaxError, compile_template
+
+        for part, source in self.parts().items():
+            try:
+                compile_template(source)
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"{part}: {exc}") from None
+        return self
 
 
 class Channel(Document):
@@ -72,6 +133,19 @@ class Channel(Document):
     timeout_s: float = Field(default=5.0, gt=0)
     # The profile field holding the user's address on this channel.
     address_field: str = "user_id"
+    # Which format rules shape the content for this channel (streams.copy.channels.RULES).
+    format: str = "webhook"
+    # Shown as the SMS signature (【Brand】 on Chinese SMS) and similar.
+    brand: str | None = None
+    unsubscribe_url: str | None = None
+
+    @model_validator(mode="after")
+    def _known_format(self) -> Channel:
+        from streams.copy.channels import RULES
+
+        if self.format not in RULES:
+            raise ValueError(f"format {self.format!r} is not one of {sorted(RULES)}")
+        return self
 
 
 DOCUMENT_TYPES: dict[ConfigKind, type[Document]] = {

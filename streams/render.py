@@ -1,39 +1,29 @@
-"""Render: the campaign's template on the user's profile and the event, in a sandbox, for one channel.
+"""Render: the campaign's copy for one user — variant chosen, template rendered on the profile and
+the event, the link tracked, the content adapted to the channel's format rules.
 
-A message that cannot be rendered ends here with outcome render_failed and the reason; one with
-no address on its channel ends with no_address.
+A message that cannot be rendered ends here with outcome render_failed and the reason (the
+missing field's name, the channel's unmet requirement); one with no address ends with no_address.
+In a test-then-winner experiment, users outside the test share wait (held) for the winner.
 """
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2 import TemplateError
 
-from schemas.config import Channel, Template
+from schemas.config import Campaign, Channel, Template
+from schemas.contracts import encode
 from schemas.models import MatchedMessage, Outcome, OutcomeCode, RenderedMessage
+from streams.copy.channels import AdaptationError, Content, adapt
+from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compiled
+from streams.copy.variants import Variant, assign
 from streams.links import LinkClaims, tracked_url
 
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
-_COMPILED: dict[tuple[str, int, str], Any] = {}
-
-
-def compile_part(template: Template, part: str, source: str):
-    """Compiled once per template version and part; rendering is per message."""
-    key = (template.id, template.version, part)
-    compiled = _COMPILED.get(key)
-    if compiled is None:
-        compiled = _COMPILED[key] = _ENV.from_string(source)
-    return compiled
-
-
-def context(message: MatchedMessage, profile: dict[str, Any]) -> dict[str, Any]:
-    user = {"user_id": message.user_id, **profile}
-    event = {"event_type": message.event_type, **message.properties}
-    # Top-level names are for short templates ({{ name }}); user./event. disambiguate.
-    return {**event, **user, "user": user, "event": event}
+WAIT = "wait"  # a test-then-winner user outside the test share: held until the winner is known
 
 
 @dataclass(frozen=True)
@@ -42,9 +32,45 @@ class RenderSettings:
     link_secret: str
 
 
+def context(message: MatchedMessage, profile: dict[str, Any]) -> dict[str, Any]:
+    return values_for(message.user_id, message.event_type, message.properties, profile)
+
+
+def values_for(user_id: str, event_type: str, properties: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    user = {"user_id": user_id, **profile}
+    event = {"event_type": event_type, **properties}
+    # Top-level names are for short templates (${name}); user./event. disambiguate.
+    return {**event, **user, "user": user, "event": event}
+
+
+def choose_variant(campaign: Campaign, user_id: str, ab_state: dict[str, Any] | None) -> str | None:
+    """None for a campaign without variants; WAIT while a held user's winner is unknown."""
+    if not campaign.variants:
+        return None
+    state = ab_state or {}
+    winner = state.get("winner") if state.get("status") in ("winner", "fallback") else None
+    chosen = assign(
+        campaign.id,
+        user_id,
+        [Variant(id=v.id, weight=v.weight) for v in campaign.variants],
+        campaign.experiment,
+        winner=winner,
+        bandit_shares=state.get("shares"),
+    )
+    return WAIT if chosen is None else chosen
+
+
+def render_content(template: Template, values: dict[str, Any], defaults: dict[str, str] | None) -> dict[str, str]:
+    return {
+        part: compiled((template.id, template.version, part), source).render(values, defaults=defaults)
+        for part, source in template.parts().items()
+    }
+
+
 def render_message(
     message: MatchedMessage,
     profile: dict[str, Any] | None,
+    campaign: Campaign | None,
     template: Template | None,
     channel: Channel | None,
     settings: RenderSettings,
@@ -52,38 +78,48 @@ def render_message(
     def failed(code: OutcomeCode, reason: str) -> Outcome:
         return Outcome.of(message, code, "render", reason)
 
+    if campaign is None:
+        return failed(OutcomeCode.render_failed, "campaign not found")
     if template is None:
         return failed(OutcomeCode.render_failed, "template not found")
     if channel is None:
         return failed(OutcomeCode.render_failed, f"channel {message.channel!r} not configured")
-    profile = profile or {}
-    values = context(message, profile)
+    values = context(message, profile or {})
     address = values["user"].get(channel.address_field)
     if address in (None, ""):
         return failed(OutcomeCode.no_address, f"profile has no {channel.address_field}")
+    defaults = campaign.field_defaults if campaign.missing_fields == "use_default" else None
     try:
-        title = compile_part(template, "title", template.title).render(values) if template.title else None
-        body = compile_part(template, "body", template.body).render(values)
-        link = compile_part(template, "link", template.link).render(values) if template.link else None
-    except UndefinedError as exc:
-        return failed(OutcomeCode.render_failed, f"missing field: {exc.message}")
-    except TemplateError as exc:
+        parts = render_content(template, values, defaults)
+    except MissingField as exc:
+        return failed(OutcomeCode.render_failed, f"missing field: {exc.field}")
+    except RenderTimeout as exc:
+        return failed(OutcomeCode.render_failed, f"render time limit: {exc}")
+    except (TemplateSyntaxError, TemplateError) as exc:
         return failed(OutcomeCode.render_failed, f"template error: {exc}")
-    if not body.strip():
-        return failed(OutcomeCode.render_failed, "empty body")
+    link = parts.get("link")
     if link:
-        link = tracked_url(
-            settings.link_base,
-            settings.link_secret,
-            LinkClaims(
-                message_id=message.message_id,
-                campaign_id=message.campaign_id,
-                user_id=message.user_id,
-                channel=message.channel,
-                triggered_at_ms=int(message.triggered_at.timestamp() * 1000),
-                url=link,
-            ),
+        claims = LinkClaims(
+            message_id=message.message_id,
+            campaign_id=message.campaign_id,
+            user_id=message.user_id,
+            channel=message.channel,
+            triggered_at_ms=int(message.triggered_at.timestamp() * 1000),
+            url=link,
         )
+        link = tracked_url(settings.link_base, settings.link_secret, claims)
+    content = Content(
+        title=parts.get("title"),
+        short_text=parts.get("body"),
+        long_text=parts.get("long_text"),
+        image_url=parts.get("image_url"),
+        link=link,
+        cta=parts.get("cta"),
+    )
+    try:
+        adapted = adapt(content, channel.format, brand=channel.brand, unsubscribe_url=channel.unsubscribe_url)
+    except AdaptationError as exc:
+        return failed(OutcomeCode.render_failed, f"{channel.format}: {exc}")
     return RenderedMessage(
         message_id=message.message_id,
         campaign_id=message.campaign_id,
@@ -92,21 +128,59 @@ def render_message(
         priority=message.priority,
         triggered_at=message.triggered_at,
         address=str(address),
-        title=title,
-        body=body,
-        link=link,
+        title=adapted.title,
+        body=adapted.body,
+        link=adapted.link,
+        variant=message.variant,
+        html=adapted.html,
+        image_url=adapted.image_url,
+        extra=json.dumps(adapted.extra, ensure_ascii=False, default=str) if adapted.extra else None,
     )
+
+
+def preview(template: Template, profile: dict[str, Any], event: dict[str, Any], channel_format: str, **channel) -> dict:
+    """What `loopcast render` prints: the content adapted to one channel, without sending anything."""
+    values = values_for(
+        str(profile.get("user_id", "preview-user")),
+        str(event.get("event_type", "preview")),
+        event.get("properties", event),
+        profile,
+    )
+    parts = render_content(template, values, None)
+    content = Content(
+        title=parts.get("title"),
+        short_text=parts.get("body"),
+        long_text=parts.get("long_text"),
+        image_url=parts.get("image_url"),
+        link=parts.get("link"),
+        cta=parts.get("cta"),
+    )
+    return adapt(content, channel_format, **channel).model_dump(mode="json")
 
 
 async def handle(rt, out, messages: list[MatchedMessage]) -> None:
     from infra import topics
 
+    campaigns = {m.campaign_id: rt.config.campaign(m.campaign_id) for m in messages}
+    ab_states = await rt.user_state.ab_states([cid for cid, c in campaigns.items() if c is not None and c.variants])
     profiles = await rt.user_state.profiles([m.user_id for m in messages])
+    held: dict[str, list[bytes]] = defaultdict(list)
     for message, profile in zip(messages, profiles, strict=True):
-        campaign = rt.config.campaign(message.campaign_id)
-        template = rt.config.template(campaign.template_id) if campaign else None
-        result = render_message(message, profile, template, rt.config.channel(message.channel), rt.render_settings)
+        campaign = campaigns[message.campaign_id]
+        if campaign is not None:
+            variant = choose_variant(campaign, message.user_id, ab_states.get(campaign.id))
+            if variant == WAIT:
+                held[campaign.id].append(encode(message))
+                continue
+            message = message.model_copy(update={"variant": variant})
+        template_id = campaign.template_for(message.variant) if campaign else None
+        template = rt.config.template(template_id) if template_id else None
+        result = render_message(
+            message, profile, campaign, template, rt.config.channel(message.channel), rt.render_settings
+        )
         if isinstance(result, Outcome):
             out.outcome(result)
         else:
             out.send(topics.RENDERED.name, result.user_id, result)
+    for campaign_id, waiting in held.items():
+        await rt.user_state.hold(campaign_id, waiting)

@@ -9,7 +9,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import mode
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.channels.base import ChannelAdapter, adapter_class
 from connectors.kafka import partitions as kafka_partitions
@@ -117,10 +117,15 @@ class Runtime(mode.Service):
         self.serve_http = serve_http
         self._adapters: dict[str, ChannelAdapter] = {}
         self._http_runner = None
+        self._loops: list[asyncio.Task] = []
+        self.producer: AIOKafkaProducer | None = None
         self.opened = asyncio.Event()
 
     async def on_start(self) -> None:
         self.user_state = State(self.settings.redis)
+        # For what is produced outside the stage batches: tracking, receipts, ingest, released holds.
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=2)
+        await self.producer.start()
         await self.follower.start()
         if self.owns_warehouse:
             from connectors import warehouse
@@ -129,11 +134,14 @@ class Runtime(mode.Service):
             applied = await asyncio.to_thread(warehouse.migrate, self.warehouse)
             if applied:
                 log.info("applied ClickHouse migrations: %s", ", ".join(applied))
+            from streams.experiments import ExperimentLoop
+
+            self._loops.append(asyncio.create_task(ExperimentLoop(self, self.settings.ab_interval_s).run()))
         if self.serve_http:
             from console.http import start_http
 
             self._http_runner = await start_http(
-                self.settings, self.user_state, self.warehouse, ready=self.follower.ready.is_set
+                self.settings, self.user_state, self.producer, self.warehouse, ready=self.follower.ready.is_set
             )
         self.opened.set()
 
@@ -163,11 +171,16 @@ class Runtime(mode.Service):
         return cls.Credentials()
 
     async def on_stop(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         for adapter in self._adapters.values():
             await adapter.close()
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         await self.follower.stop()
+        if self.producer is not None:
+            await self.producer.stop()
         if self.user_state is not None:
             await self.user_state.close()
         if self.warehouse is not None:

@@ -33,6 +33,8 @@ def stack_env(tmp_path_factory) -> Settings:
         "LOOPCAST_APP_ID": "loopcast-test",
         "LOOPCAST_PARTITIONS": "2",
         "LOOPCAST_REDIS_AOF": "false",
+        # The A/B loop decides often, so tests see decisions quickly.
+        "LOOPCAST_AB_INTERVAL_S": "0.5",
     }
     os.environ.update(env)
     return Settings()
