@@ -445,3 +445,32 @@ def reference_segments(text: str) -> tuple[str, int]:
 @given(text=text)
 def test_sms_segments_match_reference(text) -> None:
     assert sms_segments(text) == reference_segments(text)
+
+
+def _elements(document: str) -> list[tuple[str, frozenset]]:
+    from html.parser import HTMLParser
+
+    found: list[tuple[str, frozenset]] = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.append((tag, frozenset(attrs)))
+
+    Collect().feed(document)
+    return found
+
+
+def test_email_styles_match_inlining_per_message() -> None:
+    """The precomputed inline styles give what inlining the stylesheet into each message gives."""
+    import re as _re
+
+    from streams.copy import channels as ch
+
+    content = Content(
+        title="Hi", short_text="short", long_text="a\n\nb", image_url="https://x/i.png", link="https://x/l", cta="Go"
+    )
+    fast = adapt(content, "email", brand="B", unsubscribe_url="https://x/u").html
+    per_message = ch._INLINER.inline(
+        _re.sub(r' style="[^"]*"', "", fast).replace("</head>", f"<style>{ch._EMAIL_CSS}</style></head>")
+    )
+    assert _elements(per_message) == _elements(ch._INLINER.inline(fast))
