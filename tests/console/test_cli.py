@@ -33,3 +33,54 @@ def test_config_apply_refuses_an_invalid_campaign(tmp_path) -> None:
 def test_worker_refuses_unknown_stages() -> None:
     result = runner.invoke(app, ["worker", "--stages", "match,telepathy"])
     assert result.exit_code == 1 and "telepathy" in result.output
+
+
+def test_render_previews_a_channel(tmp_path) -> None:
+    import json
+
+    (tmp_path / "t.yaml").write_text('title: "${name}"\nbody: "${name}，<#if stock < 5>只剩${stock}件</#if>"\n')
+    (tmp_path / "p.json").write_text('{"user_id": "u1", "name": "小红"}')
+    (tmp_path / "e.json").write_text('{"stock": 3}')
+    args = [
+        "render",
+        str(tmp_path / "t.yaml"),
+        "--profile",
+        str(tmp_path / "p.json"),
+        "--event",
+        str(tmp_path / "e.json"),
+    ]
+    result = runner.invoke(app, [*args, "--channel", "sms-cn", "--brand", "Loopcast"])
+    assert result.exit_code == 0, result.output
+    adapted = json.loads(result.output)
+    assert adapted["body"].startswith("【Loopcast】小红，只剩3件") and adapted["extra"]["encoding"] == "UCS-2"
+    assert runner.invoke(app, [*args, "--channel", "pigeon"]).exit_code == 1
+
+
+def test_render_reports_authoring_errors_with_position(tmp_path) -> None:
+    (tmp_path / "t.yaml").write_text('body: "Hi <#if name??>${name}"\n')
+    (tmp_path / "p.json").write_text("{}")
+    result = runner.invoke(
+        app, ["render", str(tmp_path / "t.yaml"), "--profile", str(tmp_path / "p.json"), "--channel", "sms"]
+    )
+    assert result.exit_code == 1 and "line 1, column" in result.output
+
+
+# (exposures and clicks per variant, deadline passed, expected status, winner)
+DECISIONS = [
+    ([(5000, 250), (5000, 400)], False, "winner", "b"),
+    ([(300, 15), (300, 30)], False, "continue", None),
+    ([(300, 15), (300, 16)], True, "fallback", "a"),
+]
+
+
+@pytest.mark.parametrize(("numbers", "deadline", "status", "winner"), DECISIONS)
+def test_ab_decide(tmp_path, numbers, deadline, status, winner) -> None:
+    import json
+
+    stats = [{"variant": v, "exposures": e, "clicks": c} for v, (e, c) in zip("ab", numbers, strict=True)]
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"experiment": {"fallback": "a"}, "stats": stats, "deadline_passed": deadline}))
+    result = runner.invoke(app, ["ab", "decide", "--stats", str(path)])
+    assert result.exit_code == 0, result.output
+    decision = json.loads(result.output)
+    assert (decision["status"], decision["winner"]) == (status, winner) and decision["reason"]
