@@ -291,3 +291,28 @@ def run_render_bench(console: Console, *, messages: int) -> list[dict]:
     console.print(table)
     console.print("goal: >= 20,000 msg/s per core")
     return rows
+
+
+def print_ab_table(console: Console, rows: list[dict]) -> None:
+    """The simulated A/B rule: rates as percentages, samples per variant."""
+    table = Table(title="A/B decision rule under continuous monitoring (simulated; samples per variant)")
+    columns = [("scenario", "scenario"), ("trials", "trials"), ("correct", "correct winner"),
+               ("false", "false winner"), ("fallback", "fallback"), ("mean n", "mean samples to decision"),
+               ("fixed n", "fixed-horizon samples")]
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header == "scenario" else "right")
+    for row in rows:
+        cells = []
+        for header, key in columns:
+            value = row.get(key)
+            if value is None:
+                cells.append("—")
+            elif header in ("correct", "false", "fallback"):
+                cells.append(f"{float(value):.1%}")
+            elif isinstance(value, int | float) and header != "scenario":
+                cells.append(f"{round(value):,}")
+            else:
+                cells.append(str(value))
+        table.add_row(*cells)
+    console.print(table)
+    console.print("goal: false winners in A/A <= 5%; 'fixed n' is a one-look z-test at alpha 0.05, power 0.8")

@@ -260,11 +260,12 @@ def bench_render(messages: Annotated[int, typer.Option(help="Messages rendered p
 @bench_app.command("ab")
 def bench_ab(trials: Annotated[int, typer.Option(help="Simulated experiments per scenario.")] = 500) -> None:
     """The A/B rule under continuous monitoring: correct and false winners, samples to a decision."""
+    from console.bench import print_ab_table
     from streams.copy.variants import bench_table
 
     with console.status(f"simulating {trials} experiments per scenario…"):
         rows = bench_table(trials=trials)
-    print_rows(rows, Format.table, title="A/B decision rule, simulated (continuous monitoring)")
+    print_ab_table(console, rows)
 
 
 @ab_app.command("decide")
