@@ -296,9 +296,15 @@ def run_render_bench(console: Console, *, messages: int) -> list[dict]:
 def print_ab_table(console: Console, rows: list[dict]) -> None:
     """The simulated A/B rule: rates as percentages, samples per variant."""
     table = Table(title="A/B decision rule under continuous monitoring (simulated; samples per variant)")
-    columns = [("scenario", "scenario"), ("trials", "trials"), ("correct", "correct winner"),
-               ("false", "false winner"), ("fallback", "fallback"), ("mean n", "mean samples to decision"),
-               ("fixed n", "fixed-horizon samples")]
+    columns = [
+        ("scenario", "scenario"),
+        ("trials", "trials"),
+        ("correct", "correct winner"),
+        ("false", "false winner"),
+        ("fallback", "fallback"),
+        ("mean n", "mean samples to decision"),
+        ("fixed n", "fixed-horizon samples"),
+    ]
     for header, _ in columns:
         table.add_column(header, justify="left" if header == "scenario" else "right")
     for row in rows:

@@ -20,15 +20,18 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from connectors import warehouse
 from connectors.kafka import produce, produce_raw
 from connectors.state import State
-from console.reports import print_funnel
+from console.reports import funnel_report, print_funnel
 from console.services import INFRA, stack
 from infra import topics
 from infra.settings import Settings
 from infra.waiting import wait_for
-from schemas.config import Audience, Campaign, Channel, Template, Trigger
+from schemas.config import Campaign, CampaignVariant, Channel, Template, Trigger
 from schemas.models import Event, Priority
+from streams.copy.variants import Experiment
 
-CAMPAIGN_ID = "cart-abandon"
+CART = "cart-abandon"
+UNPAID = "unpaid-order"
+CAMPAIGNS = (CART, UNPAID)
 FIRST_NAMES = ["Lin", "Wei", "Mei", "Jun", "Ana", "Sam", "Yuki", "Omar", "Lea", "Ravi", "小红", "明"]
 CITIES = ["Shanghai", "Hangzhou", "Shenzhen", "Berlin", "Austin", "Osaka"]
 PRODUCTS = [
@@ -51,7 +54,8 @@ class Shoppers:
     """Click and purchase behaviour, deterministic per message so a rerun tells the same story."""
 
     seed: int
-    p_click: float = 0.35
+    # True click rates per copy variant: the A/B test is there to find out which is better.
+    p_click: dict[str | None, float] = field(default_factory=lambda: {"scarcity": 0.28, "discount": 0.40, None: 0.35})
     p_buy_after_click: float = 0.45
     seen: set[str] = field(default_factory=set)
     clicks: int = 0
@@ -81,23 +85,61 @@ def make_shop(users: int, seed: int) -> Shop:
 
 
 def documents(settings: Settings) -> list:
+    # The sandbox stands in for the shop app's push relay: the webhook provider, app-push format rules.
+    link = "https://shop.example/p/${product_id}?utm_campaign=cart-abandon"
     return [
-        Channel(id="webhook", provider="webhook", url=f"{settings.sandbox_base}/webhook/shop-app"),
+        Channel(
+            id="shop-app",
+            provider="webhook",
+            url=f"{settings.sandbox_base}/webhook/shop-app",
+            format="push-fcm",
+            brand="Loopshop",
+        ),
+        # Peak season: scarcity from live inventory, against a discount, as a Thompson-sampling bandit.
         Template(
-            id="cart-reminder",
-            title="{{ name }}, your cart misses you",
-            body="{{ name }}, {{ product_name }} is still in your cart — only {{ stock }} left at ¥{{ price }}.",
-            link="https://shop.example/p/{{ product_id }}?utm_campaign=cart-abandon",
+            id="cart-scarcity",
+            title="${name}, only ${stock} left",
+            body="${product_name} is still in your cart<#if stock < 10> — only ${stock} left at ¥${price}</#if>.",
+            link=link,
+            cta="Check out",
+        ),
+        Template(
+            id="cart-discount",
+            title='${name!"Hi"}, 10% off today',
+            body="Check out ${product_name} today and save 10%<#if vip_level gte 2> (VIP: 15%)</#if>.",
+            link=link,
+            cta="Check out",
+        ),
+        # Long tail: an unpaid order gets its discount extended.
+        Template(
+            id="unpaid-extended",
+            title="Your discount is extended 24h",
+            body="${name}, your order of ${product_name} is waiting: the discount holds for 24 more hours.",
+            link="https://shop.example/orders/${order_id}",
+            cta="Pay now",
         ),
         Campaign(
-            id=CAMPAIGN_ID,
+            id=CART,
             name="Cart abandonment reminder",
             trigger=Trigger(event_type="cart_abandoned"),
-            audience=Audience(kind="all"),
-            channel="webhook",
-            template_id="cart-reminder",
+            channel="shop-app",
+            variants=[
+                CampaignVariant(id="scarcity", template_id="cart-scarcity"),
+                CampaignVariant(id="discount", template_id="cart-discount"),
+            ],
+            experiment=Experiment(mode="bandit", metric="ctr", fallback="scarcity"),
             priority=Priority.normal,
             daily_cap=2,
+            conversion_event="order_paid",
+            attribution_window_hours=24,
+        ),
+        Campaign(
+            id=UNPAID,
+            name="Unpaid order: discount extended",
+            trigger=Trigger(event_type="order_unpaid"),
+            channel="shop-app",
+            template_id="unpaid-extended",
+            priority=Priority.high,
             conversion_event="order_paid",
             attribution_window_hours=24,
         ),
@@ -126,6 +168,19 @@ def trigger_events(shop: Shop, seed: int) -> list[Event]:
                     },
                 )
             )
+    # The long tail: some shoppers left an order unpaid.
+    for profile in shop.profiles:
+        if rng.random() < 0.12:
+            product_id, name, _ = rng.choice(PRODUCTS)
+            events.append(
+                Event(
+                    event_id=f"unpaid-{profile['user_id']}",
+                    event_type="order_unpaid",
+                    user_id=profile["user_id"],
+                    occurred_at=now,
+                    properties={"product_id": product_id, "product_name": name, "order_id": f"o-{profile['user_id']}"},
+                )
+            )
     return events
 
 
@@ -151,7 +206,7 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
             if item["receipt_status"] != "delivered" or message_id in shoppers.seen or not body.get("link"):
                 continue
             shoppers.seen.add(message_id)
-            if shoppers.roll(message_id, "click") < shoppers.p_click:
+            if shoppers.roll(message_id, "click") < shoppers.p_click.get(body.get("variant"), 0.35):
                 response = await client.get(body["link"], follow_redirects=False)
                 if response.status_code == 302:
                     shoppers.clicks += 1
@@ -171,9 +226,14 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
             await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in purchases])
 
 
-def funnel_row(wh) -> dict:
-    rows = warehouse.funnel(wh, CAMPAIGN_ID)
-    return rows[0] if rows else {}
+DECISION_AFTER_SQL = "SELECT 1 FROM ab_decisions WHERE campaign_id = {campaign:String} AND samples > 0 LIMIT 1"
+
+
+def totals(wh) -> dict:
+    """The demo's campaigns added up: what the waits compare against."""
+    rows = [r for r in warehouse.funnel(wh) if r["campaign_id"] in CAMPAIGNS]
+    keys = ("targeted", "sent", "delivered", "undelivered", "clicked", "converted")
+    return {k: sum(int(r.get(k) or 0) for r in rows) for k in keys}
 
 
 def run_demo(settings: Settings, console: Console, *, users: int, seed: int, keep_running: bool) -> dict:
@@ -214,7 +274,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
             settled = progress.add_task("messages settled", total=len(events))
 
             def all_terminal() -> bool:
-                row = funnel_row(wh)
+                row = totals(wh)
                 progress.update(settled, completed=int(row.get("targeted") or 0))
                 return int(row.get("targeted") or 0) >= len(events)
 
@@ -224,7 +284,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
 
             def loop_settled() -> bool:
                 asyncio.run(_react_once(settings, shoppers))
-                row = funnel_row(wh)
+                row = totals(wh)
                 progress.update(
                     reacting, description=f"shoppers: {shoppers.clicks} clicks, {shoppers.purchases} purchases"
                 )
@@ -234,15 +294,17 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
                     and int(row.get("clicked") or 0) >= shoppers.clicks
                     and int(row.get("converted") or 0) >= len(shoppers.buyers)
                     and len(shoppers.seen) >= int(row.get("delivered") or 0)
+                    # The A/B loop has judged the variants on real numbers at least once.
+                    and bool(wh.query(DECISION_AFTER_SQL, {"campaign": CART}))
                 )
 
             wait_for(loop_settled, timeout_s=180, interval_s=0.5, what="receipts, clicks and conversions to settle")
-        row = funnel_row(wh)
+        rows = [r for r in funnel_report(wh) if r["campaign_id"] in CAMPAIGNS]
         dead = wh.query("SELECT stage, reason FROM dead_letters FINAL ORDER BY offset")
     finally:
         wh.close()
     console.rule("[bold]Funnel (from ClickHouse)")
-    print_funnel(console, [row])
+    print_funnel(console, rows)
     console.print(f"dead letters kept with their reason: {len(dead)}")
     for letter in dead[:5]:
         console.print(f"  [dim]{letter['stage']}[/]: {letter['reason'][:100]}")
@@ -255,7 +317,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
         )
     else:
         local.down()
-    return row
+    return rows
 
 
 async def _react_once(settings: Settings, shoppers: Shoppers) -> None:

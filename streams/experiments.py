@@ -22,9 +22,9 @@ log = logging.getLogger("loopcast.experiments")
 matched = codec(MatchedMessage)
 
 STATS_SQL = "SELECT variant, sent, clicked, converted FROM variant_funnel WHERE campaign_id = {campaign:String}"
-# A decision that did not change is logged at most this often, so the log shows progress without
-# a row per tick.
-RELOG_EVERY_S = 60.0
+# A decision whose status did not change is logged again only when its numbers moved, and at most
+# this often: the log shows progress without a row per tick.
+RELOG_EVERY_S = 10.0
 
 
 def experimenting(campaigns: list[Campaign]) -> list[Campaign]:
@@ -77,7 +77,7 @@ class ExperimentLoop:
     def __init__(self, rt, interval_s: float) -> None:
         self.rt = rt
         self.interval_s = interval_s
-        self._logged: dict[str, tuple[str, str | None, float]] = {}
+        self._logged: dict[str, tuple[str, str | None, int, float]] = {}
 
     async def run(self) -> None:
         while True:
@@ -109,10 +109,10 @@ class ExperimentLoop:
     async def log_decision(self, campaign: Campaign, decision: Decision, now: datetime) -> None:
         key = (decision.status, decision.winner)
         last = self._logged.get(campaign.id)
-        if last and last[:2] == key and now.timestamp() - last[2] < RELOG_EVERY_S:
+        if last and last[:2] == key and (last[2] == decision.samples or now.timestamp() - last[3] < RELOG_EVERY_S):
             return
         await asyncio.to_thread(self.rt.warehouse.insert, "ab_decisions", [decision_row(campaign, decision, now)])
-        self._logged[campaign.id] = (*key, now.timestamp())
+        self._logged[campaign.id] = (*key, decision.samples, now.timestamp())
 
     async def release(self, campaign: Campaign) -> int:
         """Held messages go back to loopcast.matched; render now assigns them the winner."""

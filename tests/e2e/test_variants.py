@@ -49,8 +49,13 @@ def arrived(settings, campaign_id: str) -> list[dict]:
 def copies(settings, prefix: str) -> list:
     return [
         Channel(id=f"{prefix}-hook", provider="webhook", url=f"{settings.sandbox_base}/webhook/{prefix}"),
-        Template(id=f"{prefix}-a", title="A", body="${name}, only a few left"),
-        Template(id=f"{prefix}-b", title="B", body="<#if name??>${name}, </#if>your discount is extended 24h"),
+        Template(id=f"{prefix}-a", title="A", body="${name}, only a few left", link="https://shop.example/a"),
+        Template(
+            id=f"{prefix}-b",
+            title="B",
+            body="<#if name??>${name}, </#if>your discount is extended 24h",
+            link="https://shop.example/b",
+        ),
     ]
 
 
@@ -93,7 +98,15 @@ def test_bandit_sends_both_variants_and_the_report_shows_them(worker) -> None:
             rows[0] if rows and sum(int(v["sent"]) for v in rows[0]["variants"]) == 60 and rows[0]["decision"] else None
         )
 
-    row = wait_for(reported, timeout_s=60, interval_s=1, what="both variants and a decision in the report")
+    # A click carries no variant of its own; the report still credits it to the message's variant.
+    clicked = next(b for b in bodies if b["variant"] == "b")
+    assert httpx.get(clicked["link"], follow_redirects=False).status_code == 302
+
+    def reported_with_click() -> dict | None:
+        row = reported()
+        return row if row and {v["variant"]: int(v["clicked"]) for v in row["variants"]} == {"a": 0, "b": 1} else None
+
+    row = wait_for(reported_with_click, timeout_s=60, interval_s=1, what="both variants, the click and a decision")
     assert {v["variant"]: int(v["sent"]) for v in row["variants"]} == dict(by_variant)
     assert row["decision"]["status"] == "continue" and set(json.loads(row["decision"]["probabilities"])) == {"a", "b"}
 
