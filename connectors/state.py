@@ -16,6 +16,8 @@ from streams.match import Touch
 
 TOUCH_TTL_S = 30 * 24 * 3600
 RECEIPT_TTL_S = 7 * 24 * 3600
+# Short links outlive the attribution window people click in.
+SHORT_LINK_TTL_S = 30 * 24 * 3600
 
 
 def profile_key(user_id: str) -> str:
@@ -28,6 +30,10 @@ def touch_key(user_id: str) -> str:
 
 def receipt_key(provider: str, provider_message_id: str) -> str:
     return f"receipt:{provider}:{provider_message_id}"
+
+
+def short_link_key(code: str) -> str:
+    return f"link:{code}"
 
 
 def ab_key(campaign_id: str) -> str:
@@ -117,6 +123,18 @@ class State:
             pipe.hgetall(touch_key(user_id))
         results = await pipe.execute()
         return [{k.decode(): Touch.model_validate_json(v) for k, v in result.items()} for result in results]
+
+    async def put_short_links(self, links: Sequence[tuple[str, str]], ttl_s: int = SHORT_LINK_TTL_S) -> None:
+        """links: (code, claims as JSON). Written before the messages that carry them are sent."""
+        if links:
+            pipe = self.redis.pipeline(transaction=False)
+            for code, claims in links:
+                pipe.set(short_link_key(code), claims, ex=ttl_s)
+            await pipe.execute()
+
+    async def short_link(self, code: str) -> str | None:
+        raw = await self.redis.get(short_link_key(code))
+        return raw.decode() if raw else None
 
     async def receipt_target(self, provider: str, provider_message_id: str) -> dict[str, Any] | None:
         raw = await self.redis.get(receipt_key(provider, provider_message_id))

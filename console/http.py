@@ -22,7 +22,7 @@ from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import Event, Outcome, OutcomeCode
-from streams.links import read_token
+from streams.links import LinkClaims, read_token
 
 log = logging.getLogger("loopcast.http")
 MAX_INGEST_BATCH = 1000
@@ -55,6 +55,15 @@ class Endpoints:
             claims = read_token(self.settings.link_secret.get_secret_value(), request.match_info["token"])
         except (ValueError, json.JSONDecodeError, ValidationError) as exc:
             raise web.HTTPNotFound(text=f"unknown link: {exc}") from None
+        return await self.clicked(claims)
+
+    async def short_click(self, request: web.Request) -> web.Response:
+        stored = await self.state.short_link(request.match_info["code"])
+        if stored is None:
+            raise web.HTTPNotFound(text="unknown or expired link")
+        return await self.clicked(LinkClaims.model_validate_json(stored))
+
+    async def clicked(self, claims: LinkClaims) -> web.Response:
         outcome = Outcome(
             message_id=claims.message_id,
             campaign_id=claims.campaign_id,
@@ -130,6 +139,7 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
         [
             web.get("/healthz", endpoints.health),
             web.get("/c/{token}", endpoints.click),
+            web.get("/s/{code}", endpoints.short_click),
             web.post("/receipts/webhook", endpoints.webhook_receipt),
             web.post("/v1/events", endpoints.ingest),
         ]

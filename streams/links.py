@@ -63,3 +63,20 @@ def read_token(secret: str, token: str) -> LinkClaims:
 
 def tracked_url(base: str, secret: str, claims: LinkClaims) -> str:
     return f"{base}/c/{make_token(secret, claims)}"
+
+
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def short_code(message_id: str, length: int = 10) -> str:
+    """A short, deterministic code per message (62^10 ≈ 8e17): SMS pays for every character."""
+    number = int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest(), "big")
+    code = []
+    for _ in range(length):
+        number, digit = divmod(number, 62)
+        code.append(_BASE62[digit])
+    return "".join(code)
+
+
+def short_url(base: str, code: str) -> str:
+    return f"{base}/s/{code}"

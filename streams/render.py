@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
@@ -18,10 +18,10 @@ from jinja2 import TemplateError
 from schemas.config import Campaign, Channel, Template
 from schemas.contracts import encode
 from schemas.models import MatchedMessage, Outcome, OutcomeCode, RenderedMessage
-from streams.copy.channels import AdaptationError, Content, adapt
+from streams.copy.channels import RULES, AdaptationError, Content, adapt
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compiled
 from streams.copy.variants import Variant, assign
-from streams.links import LinkClaims, tracked_url
+from streams.links import LinkClaims, short_code, short_url, tracked_url
 
 WAIT = "wait"  # a test-then-winner user outside the test share: held until the winner is known
 
@@ -30,6 +30,18 @@ WAIT = "wait"  # a test-then-winner user outside the test share: held until the 
 class RenderSettings:
     link_base: str
     link_secret: str
+
+
+@dataclass
+class ShortLinks:
+    """Short codes a batch issued; stored in Redis before any of the batch's messages goes out."""
+
+    issued: list[tuple[str, str]] = field(default_factory=list)
+
+    def issue(self, base: str, claims: LinkClaims) -> str:
+        code = short_code(claims.message_id)
+        self.issued.append((code, claims.model_dump_json()))
+        return short_url(base, code)
 
 
 def context(message: MatchedMessage, profile: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +86,7 @@ def render_message(
     template: Template | None,
     channel: Channel | None,
     settings: RenderSettings,
+    short_links: ShortLinks | None = None,
 ) -> RenderedMessage | Outcome:
     def failed(code: OutcomeCode, reason: str) -> Outcome:
         return Outcome.of(message, code, "render", reason)
@@ -107,7 +120,11 @@ def render_message(
             triggered_at_ms=int(message.triggered_at.timestamp() * 1000),
             url=link,
         )
-        link = tracked_url(settings.link_base, settings.link_secret, claims)
+        if short_links is not None and RULES[channel.format].layout == "sms":
+            # SMS pays per character: a short code resolved through Redis instead of the signed token.
+            link = short_links.issue(settings.link_base, claims)
+        else:
+            link = tracked_url(settings.link_base, settings.link_secret, claims)
     content = Content(
         title=parts.get("title"),
         short_text=parts.get("body"),
@@ -165,6 +182,7 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
     ab_states = await rt.user_state.ab_states([cid for cid, c in campaigns.items() if c is not None and c.variants])
     profiles = await rt.user_state.profiles([m.user_id for m in messages])
     held: dict[str, list[bytes]] = defaultdict(list)
+    short_links = ShortLinks()
     for message, profile in zip(messages, profiles, strict=True):
         campaign = campaigns[message.campaign_id]
         if campaign is not None:
@@ -176,11 +194,12 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
         template_id = campaign.template_for(message.variant) if campaign else None
         template = rt.config.template(template_id) if template_id else None
         result = render_message(
-            message, profile, campaign, template, rt.config.channel(message.channel), rt.render_settings
+            message, profile, campaign, template, rt.config.channel(message.channel), rt.render_settings, short_links
         )
         if isinstance(result, Outcome):
             out.outcome(result)
         else:
             out.send(topics.RENDERED.name, result.user_id, result)
+    await rt.user_state.put_short_links(short_links.issued)
     for campaign_id, waiting in held.items():
         await rt.user_state.hold(campaign_id, waiting)

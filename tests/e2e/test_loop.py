@@ -199,3 +199,50 @@ async def _put_profile(settings, user_id: str) -> None:
     state = State(settings.redis)
     await state.put_profiles([{"user_id": user_id, "name": f"N{user_id[4:]}"}])
     await state.close()
+
+
+def test_sms_short_link_redirects_and_counts_the_click(e2e_campaign) -> None:
+    settings = e2e_campaign
+    documents = [
+        Channel(
+            id="e2e-sms", provider="webhook", url=f"{settings.sandbox_base}/webhook/e2e-sms", format="sms", brand="Shop"
+        ),
+        Campaign(
+            id="e2e-sms-cart",
+            name="sms",
+            trigger=Trigger(event_type="e2e_sms_cart"),
+            channel="e2e-sms",
+            template_id="e2e-t",
+        ),
+    ]
+    asyncio.run(produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents]))
+    asyncio.run(_put_profile(settings, "e2e-sms-user"))
+    event = Event(
+        event_id="sms-1",
+        event_type="e2e_sms_cart",
+        user_id="e2e-sms-user",
+        occurred_at=datetime.now(UTC),
+        properties={"sku": "p-7"},
+    )
+    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(event.user_id, event)]))
+
+    def message() -> dict | None:
+        items = httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"limit": 100000}).json()
+        return next((i["body"] for i in items["items"] if i["body"]["campaign_id"] == "e2e-sms-cart"), None)
+
+    body = wait_for(message, timeout_s=60, what="the SMS at the sandbox")
+    short = body["link"]
+    assert "/s/" in short and len(short.rsplit("/", 1)[1]) == 10 and short in body["body"]
+    assert body["body"].startswith("Shop: ") and body["extra"]["encoding"] == "GSM-7"
+    response = httpx.get(short, follow_redirects=False)
+    assert response.status_code == 302 and response.headers["location"] == "https://shop.example/p-7"
+    assert httpx.get(short[:-1] + ("x" if short[-1] != "x" else "y"), follow_redirects=False).status_code == 404
+    wh = warehouse.connect(settings)
+    try:
+        wait_for(
+            lambda: wh.query("SELECT 1 FROM outcomes WHERE campaign_id = 'e2e-sms-cart' AND code = 'clicked'"),
+            timeout_s=30,
+            what="the click outcome",
+        )
+    finally:
+        wh.close()

@@ -122,3 +122,21 @@ def test_variants_are_stable_and_waiting_users_wait() -> None:
     assert WAIT not in after and [a for a, b in zip(chosen, after, strict=False) if b != "b"] == [
         x for x in chosen if x == "a"
     ]
+
+
+def test_sms_links_are_short_codes() -> None:
+    from streams.render import ShortLinks
+
+    sms = Channel(id="sms", provider="webhook", url="http://127.0.0.1:1/h", format="sms", brand="Shop")
+    links = ShortLinks()
+    result = render_message(
+        MESSAGE, {}, campaign(), template("Back in stock", link="https://shop.example/x"), sms, SETTINGS, links
+    )
+    [(code, claims)] = links.issued
+    assert len(code) == 10 and f"http://127.0.0.1:18800/s/{code}" in result.body
+    assert json.loads(claims)["url"] == "https://shop.example/x"
+    # Other channels keep the signed, stateless link.
+    other = render_message(
+        MESSAGE, {}, campaign(), template("x", link="https://shop.example/x"), CHANNEL, SETTINGS, links
+    )
+    assert "/c/" in other.link and len(links.issued) == 1
