@@ -48,6 +48,8 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.bootstrap}",
+        # Faust keeps local state under its datadir (default: the current directory); keep it with ours.
+        datadir=str(settings.home / "faust"),
         web_enabled=False,
         value_serializer="raw",
         key_serializer="raw",
