@@ -7,6 +7,7 @@ per-message calls cap a stage at a few thousand messages a second (STACK-NOTES).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from streams.match import Touch
 
 TOUCH_TTL_S = 30 * 24 * 3600
 RECEIPT_TTL_S = 7 * 24 * 3600
+# Longer than any redelivery window, like the dedup claim at the throttle.
+SEND_CLAIM_TTL_S = 7 * 24 * 3600
 # Short links outlive the attribution window people click in.
 SHORT_LINK_TTL_S = 30 * 24 * 3600
 
@@ -26,6 +29,10 @@ def profile_key(user_id: str) -> str:
 
 def touch_key(user_id: str) -> str:
     return f"touch:{user_id}"
+
+
+def send_claim_key(message_id: str) -> str:
+    return f"sent:{message_id}"
 
 
 def receipt_key(provider: str, provider_message_id: str) -> str:
@@ -44,33 +51,11 @@ def held_key(campaign_id: str) -> str:
     return f"ab:held:{campaign_id}"
 
 
-# Counts a message against a cap at most once: a message already in the set is allowed again
-# (a redelivery), a new one only while the set is below its limit. Atomic per script call, so
-# concurrent workers can never exceed a cap together.
-_CAP_SCRIPT = """
-local ttl = tonumber(ARGV[1])
-local out = {}
-for i, key in ipairs(KEYS) do
-  local member = ARGV[2 * i]
-  local limit = tonumber(ARGV[2 * i + 1])
-  if redis.call('SISMEMBER', key, member) == 1 then
-    out[i] = 1
-  elseif redis.call('SCARD', key) < limit then
-    redis.call('SADD', key, member)
-    redis.call('EXPIRE', key, ttl)
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-
-
 class State:
     def __init__(self, url: str) -> None:
         self.redis = aioredis.from_url(url, decode_responses=False)
-        self._cap = self.redis.register_script(_CAP_SCRIPT)
+        # Identifies this process's send claims (see claim_sends).
+        self.owner = uuid.uuid4().hex.encode()
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -94,16 +79,21 @@ class State:
         await pipe.execute()
         return n
 
-    # Caps ----------------------------------------------------------------------------------
-    async def claim_caps(self, claims: Sequence[tuple[str, str, int]], ttl_s: int) -> list[bool]:
-        """claims: (cap key, message id, limit) → allowed, in order, in one atomic script call."""
-        if not claims:
+    # Sends -------------------------------------------------------------------------------
+    async def claim_sends(self, message_ids: Sequence[str], ttl_s: int = SEND_CLAIM_TTL_S) -> list[bool]:
+        """True for each message this caller may hand to its provider; False if someone already did.
+
+        Taken just before the send, so a worker that dies after sending but before its offset is
+        committed does not send again when Kafka redelivers the message."""
+        if not message_ids:
             return []
-        keys = [key for key, _, _ in claims]
-        args: list[Any] = [ttl_s]
-        for _, member, limit in claims:
-            args += [member, limit]
-        return [bool(x) for x in await self._cap(keys=keys, args=args)]
+        pipe = self.redis.pipeline(transaction=False)
+        for message_id in message_ids:
+            pipe.set(send_claim_key(message_id), self.owner, nx=True, ex=ttl_s)
+            pipe.get(send_claim_key(message_id))
+        results = await pipe.execute()
+        # Ours if we just took it, or took it earlier in this process (a batch retried after a blip).
+        return [bool(took) or held == self.owner for took, held in zip(results[::2], results[1::2], strict=True)]
 
     # Attribution and receipts --------------------------------------------------------------
     async def record_sends(self, sends: Sequence[tuple[str, Touch, str | None, str | None]]) -> None:

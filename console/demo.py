@@ -28,6 +28,7 @@ from infra.waiting import wait_for
 from schemas.config import Campaign, CampaignVariant, Channel, Template, Trigger
 from schemas.models import Event, Priority
 from streams.copy.variants import Experiment
+from streams.policy import QuietHours
 
 CART = "cart-abandon"
 UNPAID = "unpaid-order"
@@ -129,6 +130,8 @@ def documents(settings: Settings) -> list:
             ],
             experiment=Experiment(mode="bandit", metric="ctr", fallback="scarcity"),
             priority=Priority.normal,
+            # A demo must show sends at whatever hour it runs; real campaigns keep quiet hours.
+            quiet_hours=QuietHours(enabled=False),
             daily_cap=2,
             conversion_event="order_paid",
             attribution_window_hours=24,
@@ -140,6 +143,7 @@ def documents(settings: Settings) -> list:
             channel="shop-app",
             template_id="unpaid-extended",
             priority=Priority.high,
+            quiet_hours=QuietHours(enabled=False),
             conversion_event="order_paid",
             attribution_window_hours=24,
         ),
@@ -203,6 +207,8 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
         purchases = []
         for item in items:
             body, message_id = item["body"], item["body"]["message_id"]
+            if body.get("campaign_id") not in CAMPAIGNS:
+                continue
             if item["receipt_status"] != "delivered" or message_id in shoppers.seen or not body.get("link"):
                 continue
             shoppers.seen.add(message_id)
@@ -248,7 +254,6 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
 
     async def setup() -> None:
         async with httpx.AsyncClient() as client:
-            await client.post(f"{settings.sandbox_base}/_sandbox/webhook/reset")
             await client.post(
                 f"{settings.sandbox_base}/_sandbox/webhook/faults",
                 json={"undelivered_rate": 0.06, "error_rate": 0.03, "receipt_delay_ms": 300, "seed": seed},

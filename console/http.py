@@ -17,12 +17,14 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from connectors.channels.webhook import SIGNATURE_HEADER, verify
+from connectors.policy_store import PolicyStore
 from connectors.state import State
 from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import Event, Outcome, OutcomeCode
-from streams.links import LinkClaims, read_token
+from streams.links import LinkClaims, read_token, read_unsubscribe_token
+from streams.policy import Category, Preferences, apply_unsubscribe, unsubscribe_keyword
 
 log = logging.getLogger("loopcast.http")
 MAX_INGEST_BATCH = 1000
@@ -34,10 +36,16 @@ def _ms(value: int) -> datetime:
 
 class Endpoints:
     def __init__(
-        self, settings: Settings, state: State, producer: AIOKafkaProducer, ready: Callable[[], bool] = lambda: True
+        self,
+        settings: Settings,
+        state: State,
+        producer: AIOKafkaProducer,
+        policy: PolicyStore,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.state = state
+        self.policy = policy
         self.producer = producer
         self.ready = ready
 
@@ -75,6 +83,46 @@ class Endpoints:
         )
         await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
         raise web.HTTPFound(claims.url)
+
+    async def unsubscribe_link(self, request: web.Request) -> web.Response:
+        """GET shows the result, POST is RFC 8058 one-click (mail providers POST without a person)."""
+        try:
+            user_id, channel = read_unsubscribe_token(
+                self.settings.link_secret.get_secret_value(), request.match_info["token"]
+            )
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise web.HTTPNotFound(text=f"unknown link: {exc}") from None
+        await self.unsubscribe(user_id, channel=channel, category=None)
+        return web.Response(text=f"You will no longer receive messages on {channel}.")
+
+    async def inbound_sms(self, request: web.Request) -> web.Response:
+        """A user's SMS reply; a whole-message keyword (TD, 退订, STOP…) opts them out of marketing."""
+        try:
+            body = await request.json()
+            user_id, text = str(body["user_id"]), str(body["text"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=f"malformed inbound SMS: {exc!r}") from None
+        if not unsubscribe_keyword(text):
+            return web.json_response({"unsubscribed": False})
+        # Marketing only: blocking the SMS channel would also stop the user's one-time codes.
+        await self.unsubscribe(user_id, channel=None, category=Category.marketing)
+        return web.json_response({"unsubscribed": True})
+
+    async def unsubscribe_api(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+            category = Category(body["category"]) if body.get("category") else None
+        except (ValueError, TypeError) as exc:
+            raise web.HTTPBadRequest(text=f"bad request: {exc}") from None
+        prefs = await self.unsubscribe(request.match_info["user_id"], channel=body.get("channel"), category=category)
+        return web.json_response(prefs.model_dump(mode="json"))
+
+    async def unsubscribe(self, user_id: str, *, channel: str | None, category: Category | None) -> Preferences:
+        [stored] = await self.policy.preferences([user_id])
+        prefs = apply_unsubscribe(Preferences.model_validate(stored or {}), channel=channel, category=category)
+        await self.policy.put_preferences(user_id, prefs.model_dump(mode="json"))
+        log.info("unsubscribed %s (channel=%s, category=%s)", user_id, channel, category)
+        return prefs
 
     async def webhook_receipt(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -142,6 +190,10 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
             web.get("/s/{code}", endpoints.short_click),
             web.post("/receipts/webhook", endpoints.webhook_receipt),
             web.post("/v1/events", endpoints.ingest),
+            web.get("/u/{token}", endpoints.unsubscribe_link),
+            web.post("/u/{token}", endpoints.unsubscribe_link),
+            web.post("/inbound/sms", endpoints.inbound_sms),
+            web.post("/v1/users/{user_id}/unsubscribe", endpoints.unsubscribe_api),
         ]
     )
     if warehouse is not None:
@@ -152,9 +204,15 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
 
 
 async def start_http(
-    settings: Settings, state: State, producer: AIOKafkaProducer, warehouse=None, ready=lambda: True
+    settings: Settings,
+    state: State,
+    producer: AIOKafkaProducer,
+    policy: PolicyStore,
+    warehouse=None,
+    ready=lambda: True,
 ) -> web.AppRunner:
-    runner = web.AppRunner(build_app(Endpoints(settings, state, producer, ready), warehouse), access_log=None)
+    endpoints = Endpoints(settings, state, producer, policy, ready)
+    runner = web.AppRunner(build_app(endpoints, warehouse), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.http_port).start()
     log.info("HTTP endpoints on %s", settings.http_base)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     batch_window_s: float = 0.02
 
     daily_cap: int = 5
+    # Global quiet hours in each user's local time ("22:00-08:00", or "off"); campaigns may replace them.
+    quiet_hours: str = "22:00-08:00"
+    # The time zone of users whose preferences name none.
+    default_timezone: str = "UTC"
     # How often the A/B loop re-reads variant stats and decides.
     ab_interval_s: float = 5.0
     webhook_secret: SecretStr = SecretStr("loopcast-dev-webhook-secret")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from schemas.models import ConfigKind, ConfigRecord, Priority
 from streams.copy.variants import Experiment
+from streams.policy import CapRule, Category, QuietHours
 
 
 class Document(BaseModel):
@@ -68,6 +69,14 @@ class Campaign(Document):
     missing_fields: Literal["use_default", "suppress"] = "use_default"
     field_defaults: dict[str, str] = Field(default_factory=dict)
     priority: Priority = Priority.normal
+    # Transactional messages ignore marketing opt-outs and caps (never a channel block) and quiet hours.
+    category: Category = Category.marketing
+    # Replace the global quiet hours for this campaign; None uses the global ones.
+    quiet_hours: QuietHours | None = None
+    # A message older than this (from its trigger) is not worth sending: it expires instead.
+    max_age_minutes: int | None = Field(default=None, ge=1)
+    # Extra caps for this campaign (per channel, per campaign, rolling windows), on top of the daily cap.
+    caps: list[CapRule] = Field(default_factory=list)
     # Messages per user per local day across all campaigns; None uses the global setting.
     daily_cap: int | None = Field(default=None, ge=0)
     # A later event of this type by the same user counts as a conversion of this campaign.

@@ -53,6 +53,8 @@ class OutcomeCode(StrEnum):
     undelivered = "undelivered"
     clicked = "clicked"
     converted = "converted"
+    # Before a terminal code: held until quiet hours end; the real outcome follows.
+    deferred = "deferred"
 
     @property
     def terminal(self) -> bool:

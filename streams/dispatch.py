@@ -75,5 +75,10 @@ async def handle(rt, out, messages: list[RenderedMessage]) -> None:
         async with gate:
             return await deliver(rt, message)
 
-    for outcome in await asyncio.gather(*(bounded(m) for m in messages)):
+    claims = await rt.user_state.claim_sends([m.message_id for m in messages])
+    fresh = [m for m, claimed in zip(messages, claims, strict=True) if claimed]
+    for message, claimed in zip(messages, claims, strict=True):
+        if not claimed:
+            out.outcome(Outcome.of(message, OutcomeCode.deduplicated, "dispatch", "already handed to the provider"))
+    for outcome in await asyncio.gather(*(bounded(m) for m in fresh)):
         out.outcome(outcome)

@@ -80,3 +80,17 @@ def short_code(message_id: str, length: int = 10) -> str:
 
 def short_url(base: str, code: str) -> str:
     return f"{base}/s/{code}"
+
+
+def unsubscribe_token(secret: str, user_id: str, channel: str) -> str:
+    """For one-click unsubscribe links (List-Unsubscribe): who, from which channel, signed."""
+    body = _b64(json.dumps([user_id, channel], separators=(",", ":")).encode())
+    return f"{body}.{_mac(secret, 'unsubscribe:' + body)}"
+
+
+def read_unsubscribe_token(secret: str, token: str) -> tuple[str, str]:
+    body, _, mac = token.partition(".")
+    if not body or not hmac.compare_digest(_mac(secret, "unsubscribe:" + body), mac):
+        raise ValueError("bad unsubscribe link")
+    user_id, channel = json.loads(_unb64(body))
+    return user_id, channel

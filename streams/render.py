@@ -21,7 +21,7 @@ from schemas.models import MatchedMessage, Outcome, OutcomeCode, RenderedMessage
 from streams.copy.channels import RULES, AdaptationError, Content, adapt
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compiled
 from streams.copy.variants import Variant, assign
-from streams.links import LinkClaims, short_code, short_url, tracked_url
+from streams.links import LinkClaims, short_code, short_url, tracked_url, unsubscribe_token
 
 WAIT = "wait"  # a test-then-winner user outside the test share: held until the winner is known
 
@@ -134,7 +134,11 @@ def render_message(
         cta=parts.get("cta"),
     )
     try:
-        adapted = adapt(content, channel.format, brand=channel.brand, unsubscribe_url=channel.unsubscribe_url)
+        # A per-user one-click link unless the channel names its own unsubscribe page.
+        unsubscribe = channel.unsubscribe_url or (
+            f"{settings.link_base}/u/{unsubscribe_token(settings.link_secret, message.user_id, channel.id)}"
+        )
+        adapted = adapt(content, channel.format, brand=channel.brand, unsubscribe_url=unsubscribe)
     except AdaptationError as exc:
         return failed(OutcomeCode.render_failed, f"{channel.format}: {exc}")
     return RenderedMessage(

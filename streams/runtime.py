@@ -13,12 +13,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.channels.base import ChannelAdapter, adapter_class
 from connectors.kafka import partitions as kafka_partitions
+from connectors.policy_store import PolicyStore
 from connectors.state import State
 from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import DeadLetter, Outcome, Record
 from streams.config_store import ConfigStore
+from streams.throttle import parse_quiet_hours
 
 log = logging.getLogger("loopcast.runtime")
 
@@ -112,6 +114,8 @@ class Runtime(mode.Service):
         self.config = ConfigStore()
         self.follower = ConfigFollower(settings, self.config)
         self.user_state: State | None = None
+        self.policy: PolicyStore | None = None
+        self.quiet_hours = parse_quiet_hours(settings.quiet_hours)
         self.warehouse = None
         self.owns_warehouse = owns_warehouse
         self.serve_http = serve_http
@@ -123,6 +127,7 @@ class Runtime(mode.Service):
 
     async def on_start(self) -> None:
         self.user_state = State(self.settings.redis)
+        self.policy = PolicyStore(self.settings.redis)
         # For what is produced outside the stage batches: tracking, receipts, ingest, released holds.
         self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=2)
         await self.producer.start()
@@ -134,14 +139,22 @@ class Runtime(mode.Service):
             applied = await asyncio.to_thread(warehouse.migrate, self.warehouse)
             if applied:
                 log.info("applied ClickHouse migrations: %s", ", ".join(applied))
+            from streams.deferrals import DeferralLoop
             from streams.experiments import ExperimentLoop
 
+            # One per deployment: these loops live with the warehouse owner, of which there is one.
             self._loops.append(asyncio.create_task(ExperimentLoop(self, self.settings.ab_interval_s).run()))
+            self._loops.append(asyncio.create_task(DeferralLoop(self).run()))
         if self.serve_http:
             from console.http import start_http
 
             self._http_runner = await start_http(
-                self.settings, self.user_state, self.producer, self.warehouse, ready=self.follower.ready.is_set
+                self.settings,
+                self.user_state,
+                self.producer,
+                self.policy,
+                self.warehouse,
+                ready=self.follower.ready.is_set,
             )
         self.opened.set()
 
@@ -183,6 +196,8 @@ class Runtime(mode.Service):
             await self.producer.stop()
         if self.user_state is not None:
             await self.user_state.close()
+        if self.policy is not None:
+            await self.policy.close()
         if self.warehouse is not None:
             await asyncio.to_thread(self.warehouse.close)
 

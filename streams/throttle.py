@@ -1,45 +1,124 @@
-"""Throttle: a per-user daily cap, then priority decides the dispatch topic.
-
-The cap is counted in Redis by message id (a set per user and day), so a redelivered message
-gets the same answer it got the first time instead of spending a second slot.
+"""Throttle: the delivery policy, as one declared chain (streams.policy.DECIDE_CHAIN) — never twice,
+never against the user's wishes, not in their quiet hours, never too often — then priority picks
+the dispatch topic. Every decision that stops a message ends in an outcome with its reason.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, time, timedelta
 
+from connectors.policy_store import AdmitRequest
 from infra import topics
 from schemas.config import Campaign
+from schemas.contracts import encode
 from schemas.models import Outcome, OutcomeCode, RenderedMessage, now_utc
+from streams.policy import (
+    DEDUP_TTL_S,
+    CapRule,
+    Category,
+    Preferences,
+    QuietHours,
+    Timing,
+    cap_checks,
+    dedup_key,
+    default_rules,
+    effective_quiet,
+    preference_verdict,
+    resolve_timezone,
+    timing,
+)
 
-CAP_TTL_S = 2 * 24 * 3600
 
-
-def cap_key(user_id: str, day: datetime) -> str:
-    return f"cap:day:{user_id}:{day:%Y%m%d}"
-
-
-def cap_limit(campaign: Campaign | None, default: int) -> int:
-    return campaign.daily_cap if campaign and campaign.daily_cap is not None else default
+def parse_quiet_hours(text: str) -> QuietHours:
+    """The global setting: "22:00-08:00", or "off"."""
+    if text.strip().lower() in ("off", "none", ""):
+        return QuietHours(enabled=False)
+    start, _, end = text.partition("-")
+    return QuietHours(start=time.fromisoformat(start.strip()), end=time.fromisoformat(end.strip()))
 
 
 def dispatch_topic(message: RenderedMessage) -> str:
     return topics.DISPATCH[message.priority.value].name
 
 
-def capped(message: RenderedMessage, limit: int) -> Outcome:
-    return Outcome.of(message, OutcomeCode.capped, "throttle", f"daily cap {limit} per user reached")
+def rules_for(campaign: Campaign | None, daily_cap: int) -> list[CapRule]:
+    cap = campaign.daily_cap if campaign and campaign.daily_cap is not None else daily_cap
+    return default_rules(cap) + (campaign.caps if campaign else [])
+
+
+def millis(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def judge(
+    message: RenderedMessage,
+    campaign: Campaign | None,
+    prefs: Preferences,
+    *,
+    now: datetime,
+    global_quiet: QuietHours,
+    default_timezone: str,
+    daily_cap: int,
+) -> Outcome | tuple[datetime, Outcome] | AdmitRequest:
+    """Preferences and quiet hours (pure); a message that passes becomes a request for the atomic
+    dedup-and-caps check. A deferral comes back as (release time, deferred outcome)."""
+    category = campaign.category if campaign else Category.marketing
+    reason = preference_verdict(prefs, message.channel, category)
+    if reason:
+        return Outcome.of(message, OutcomeCode.opted_out, "throttle", reason)
+    tz = resolve_timezone(prefs.timezone, default_timezone)
+    quiet = effective_quiet(campaign.quiet_hours if campaign else None, global_quiet)
+    max_age = timedelta(minutes=campaign.max_age_minutes) if campaign and campaign.max_age_minutes else None
+    when, until, why = timing(
+        now, message.triggered_at, tz, quiet, priority=message.priority, category=category, max_age=max_age
+    )
+    if when is Timing.expire:
+        return Outcome.of(message, OutcomeCode.expired, "throttle", why)
+    if when is Timing.defer:
+        return until, Outcome.of(message, OutcomeCode.deferred, "throttle", why)
+    checks = cap_checks(
+        message.user_id, message.channel, message.campaign_id, None, message.priority, category,
+        rules_for(campaign, daily_cap), now, tz,
+    )  # fmt: skip
+    return AdmitRequest(
+        message_id=message.message_id,
+        dedup_key=dedup_key(message.message_id),
+        dedup_ttl_s=DEDUP_TTL_S,
+        checks=[(c.key, c.limit, c.rolling_seconds, c.ttl_s, c.rule) for c in checks],
+        now_ms=millis(now),
+    )
 
 
 async def handle(rt, out, messages: list[RenderedMessage]) -> None:
-    today = now_utc()
-    limits = [cap_limit(rt.config.campaign(m.campaign_id), rt.settings.daily_cap) for m in messages]
-    allowed = await rt.user_state.claim_caps(
-        [(cap_key(m.user_id, today), m.message_id, limit) for m, limit in zip(messages, limits, strict=True)],
-        CAP_TTL_S,
-    )
-    for message, ok, limit in zip(messages, allowed, limits, strict=True):
-        if ok:
-            out.send(dispatch_topic(message), message.user_id, message)
+    now = now_utc()
+    stored = await rt.policy.preferences([m.user_id for m in messages])
+    deferrals: list[tuple[int, bytes]] = []
+    admitting: list[tuple[RenderedMessage, AdmitRequest]] = []
+    for message, prefs in zip(messages, stored, strict=True):
+        verdict = judge(
+            message,
+            rt.config.campaign(message.campaign_id),
+            Preferences.model_validate(prefs or {}),
+            now=now,
+            global_quiet=rt.quiet_hours,
+            default_timezone=rt.settings.default_timezone,
+            daily_cap=rt.settings.daily_cap,
+        )
+        if isinstance(verdict, Outcome):
+            out.outcome(verdict)
+        elif isinstance(verdict, tuple):
+            until, deferred = verdict
+            deferrals.append((millis(until), encode(message)))
+            out.outcome(deferred)
         else:
-            out.outcome(capped(message, limit))
+            admitting.append((message, verdict))
+    # Deferred before anything is counted: a released message is judged, and counted, when it goes.
+    await rt.policy.defer(deferrals)
+    admissions = await rt.policy.admit([request for _, request in admitting])
+    for (message, _), admission in zip(admitting, admissions, strict=True):
+        if admission.status == "admitted":
+            out.send(dispatch_topic(message), message.user_id, message)
+        elif admission.status == "duplicate":
+            out.outcome(Outcome.of(message, OutcomeCode.deduplicated, "throttle", "already judged and sent"))
+        else:
+            out.outcome(Outcome.of(message, OutcomeCode.capped, "throttle", f"cap {admission.rule} reached"))

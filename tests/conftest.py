@@ -35,6 +35,8 @@ def stack_env(tmp_path_factory) -> Settings:
         "LOOPCAST_REDIS_AOF": "false",
         # The A/B loop decides often, so tests see decisions quickly.
         "LOOPCAST_AB_INTERVAL_S": "0.5",
+        # Tests run at any hour; the quiet-hours tests set their own window per campaign.
+        "LOOPCAST_QUIET_HOURS": "off",
     }
     os.environ.update(env)
     return Settings()

@@ -13,25 +13,23 @@ from streams.match import Touch
 pytestmark = pytest.mark.integration
 
 
-def test_caps_are_atomic_across_clients_and_idempotent_per_message(local_stack, stack_env) -> None:
-    async def scenario() -> tuple[list[bool], list[bool]]:
-        workers = [State(stack_env.redis) for _ in range(2)]
+def test_send_claims_are_exclusive_across_processes_and_reentrant_within_one(local_stack, stack_env) -> None:
+    async def scenario() -> tuple[list[bool], list[bool], list[bool]]:
+        first, second = State(stack_env.redis), State(stack_env.redis)
         try:
-            key = "cap:day:cap-user:20261124"
-            # Two "workers" race 40 different messages for one user with a cap of 5.
-            claims = [[(key, f"m{w}-{i}", 5)] for w in range(2) for i in range(20)]
-            results = await asyncio.gather(*(workers[n % 2].claim_caps(c, 60) for n, c in enumerate(claims)))
-            again = await workers[0].claim_caps([(key, m, 5) for m in ("m0-0", "m1-0", "m0-1", "brand-new")], 60)
-            return [r[0] for r in results], again
+            ids = [f"claim-{i}" for i in range(10)]
+            mine = await first.claim_sends(ids[:6])
+            # Another process (a redelivery after a crash) must not send these again...
+            theirs = await second.claim_sends(ids)
+            # ...but the same process retrying its batch still may.
+            again = await first.claim_sends(ids[:6])
+            return mine, theirs, again
         finally:
-            for w in workers:
-                await w.close()
+            await first.close()
+            await second.close()
 
-    first, again = asyncio.run(scenario())
-    assert sum(first) == 5
-    allowed = {f"m{w}-{i}" for n, (w, i) in enumerate((w, i) for w in range(2) for i in range(20)) if first[n]}
-    # A redelivered message keeps its answer; a new one is still refused.
-    assert again == [m in allowed for m in ("m0-0", "m1-0", "m0-1")] + [False]
+    mine, theirs, again = asyncio.run(scenario())
+    assert mine == [True] * 6 and theirs == [False] * 6 + [True] * 4 and again == [True] * 6
 
 
 def test_profiles_touches_and_receipts(local_stack, stack_env) -> None:

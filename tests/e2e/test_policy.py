@@ -1,0 +1,131 @@
+"""Delivery policy on the real stack: quiet hours defer and release, stale messages expire, SMS
+keywords and one-click links unsubscribe, and a replayed trigger is never sent twice."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from connectors import warehouse
+from connectors.kafka import produce
+from connectors.state import State
+from infra import topics
+from infra.waiting import wait_for
+from schemas.config import Campaign, Channel, Template, Trigger
+from schemas.models import Event
+from streams.policy import QuietHours
+
+pytestmark = pytest.mark.e2e
+
+
+def setup(settings, documents, users: list[str]) -> None:
+    async def go() -> None:
+        state = State(settings.redis)
+        await state.put_profiles([{"user_id": u, "name": u[-2:]} for u in users])
+        await state.close()
+        await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents])
+
+    asyncio.run(go())
+
+
+def fire(settings, event_type: str, users: list[str], suffix: str = "") -> None:
+    now = datetime.now(UTC)
+    events = [
+        Event(event_id=f"{u}-{event_type}{suffix}", event_type=event_type, user_id=u, occurred_at=now) for u in users
+    ]
+    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
+
+
+def arrived(settings, campaign_id: str) -> list[dict]:
+    items = httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"limit": 100000}).json()["items"]
+    return [i["body"] for i in items if i["body"]["campaign_id"] == campaign_id]
+
+
+def codes(wh, campaign_id: str) -> Counter:
+    rows = wh.query("SELECT code, reason FROM outcomes FINAL WHERE campaign_id = {c:String}", {"c": campaign_id})
+    assert all(r["reason"] for r in rows if r["code"] not in ("sent", "delivered", "clicked", "converted"))
+    return Counter(r["code"] for r in rows)
+
+
+def documents(settings, prefix: str, *, fmt: str = "webhook", **campaign) -> list:
+    return [
+        Channel(id=f"{prefix}-ch", provider="webhook", url=f"{settings.sandbox_base}/webhook/{prefix}", format=fmt),
+        Template(id=f"{prefix}-t", title="Hello", body="${name}, news for you"),
+        Campaign(
+            id=prefix,
+            name=prefix,
+            trigger=Trigger(event_type=f"{prefix}_go"),
+            channel=f"{prefix}-ch",
+            template_id=f"{prefix}-t",
+            **campaign,
+        ),
+    ]
+
+
+def test_quiet_hours_defer_release_and_expire(worker) -> None:
+    settings = worker
+    now = datetime.now(UTC)
+    # Quiet hours that began a minute ago and end in a few seconds (users' time zone: UTC by default).
+    soon = QuietHours(start=(now - timedelta(minutes=1)).time(), end=(now + timedelta(seconds=5)).time())
+    later = QuietHours(start=(now - timedelta(minutes=1)).time(), end=(now + timedelta(minutes=3)).time())
+    users = [f"qh-user-{i}" for i in range(5)]
+    setup(settings, documents(settings, "qh", quiet_hours=soon), users)
+    setup(settings, documents(settings, "qhstale", quiet_hours=later, max_age_minutes=1), users)
+    fire(settings, "qh_go", users)
+    fire(settings, "qhstale_go", users)
+
+    wh = warehouse.connect(settings)
+    try:
+        wait_for(lambda: codes(wh, "qh")["deferred"] == 5, timeout_s=60, what="5 deferred outcomes")
+        assert arrived(settings, "qh") == []  # nothing went out during quiet hours
+        wait_for(lambda: len(arrived(settings, "qh")) == 5, timeout_s=60, what="the 5 released messages")
+        wait_for(lambda: codes(wh, "qh")["sent"] == 5, timeout_s=30, what="5 sent outcomes")
+        # Stale before the window ends: expired with its reason, never sent.
+        wait_for(lambda: codes(wh, "qhstale")["expired"] == 5, timeout_s=30, what="5 expired outcomes")
+        assert arrived(settings, "qhstale") == []
+    finally:
+        wh.close()
+
+
+def test_unsubscribe_by_sms_keyword_and_email_link(worker) -> None:
+    settings = worker
+    setup(settings, documents(settings, "unsub", fmt="email"), ["unsub-sms", "unsub-mail", "unsub-stays"])
+    url = f"{settings.http_base}/inbound/sms"
+    assert httpx.post(url, json={"user_id": "unsub-sms", "text": "stop by later"}).json() == {"unsubscribed": False}
+    assert httpx.post(url, json={"user_id": "unsub-sms", "text": " 退订 "}).json() == {"unsubscribed": True}
+
+    fire(settings, "unsub_go", ["unsub-mail"], "-1")
+    [mail] = wait_for(lambda: arrived(settings, "unsub"), timeout_s=60, what="the first email")
+    one_click = mail["extra"]["headers"]["List-Unsubscribe"].strip("<>")
+    assert mail["extra"]["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert httpx.post(one_click).status_code == 200
+
+    fire(settings, "unsub_go", ["unsub-sms", "unsub-mail", "unsub-stays"], "-2")
+    wh = warehouse.connect(settings)
+    try:
+        wait_for(
+            lambda: codes(wh, "unsub")["opted_out"] == 2 and codes(wh, "unsub")["sent"] == 2,
+            timeout_s=60,
+            what="two opt-outs and the one user who stayed",
+        )
+    finally:
+        wh.close()
+    assert sorted(b["user_id"] for b in arrived(settings, "unsub")) == ["unsub-mail", "unsub-stays"]
+
+
+def test_a_replayed_trigger_is_never_sent_twice(worker) -> None:
+    settings = worker
+    setup(settings, documents(settings, "replay"), ["replay-user"])
+    fire(settings, "replay_go", ["replay-user"])
+    wait_for(lambda: arrived(settings, "replay"), timeout_s=60, what="the first send")
+    fire(settings, "replay_go", ["replay-user"])  # the same event again: same message id
+    wh = warehouse.connect(settings)
+    try:
+        wait_for(lambda: codes(wh, "replay")["deduplicated"] == 1, timeout_s=60, what="the duplicate's outcome")
+    finally:
+        wh.close()
+    assert len(arrived(settings, "replay")) == 1
