@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     batch_window_s: float = 0.02
 
     daily_cap: int = 5
+    # Provider sends in flight per worker, granted to urgent messages first (streams.priority).
+    dispatch_slots: int = 64
+    # Off only to measure what priority routing buys (`loopcast bench policy`).
+    priority_routing: bool = True
     # Global quiet hours in each user's local time ("22:00-08:00", or "off"); campaigns may replace them.
     quiet_hours: str = "22:00-08:00"
     # The time zone of users whose preferences name none.

@@ -142,6 +142,8 @@ class Channel(Document):
     timeout_s: float = Field(default=5.0, gt=0)
     # The profile field holding the user's address on this channel.
     address_field: str = "user_id"
+    # The provider's rate limit, shared by every worker (a token bucket in Redis); None: unlimited.
+    rate_per_s: float | None = Field(default=None, gt=0)
     # Which format rules shape the content for this channel (streams.copy.channels.RULES).
     format: str = "webhook"
     # Shown as the SMS signature (【Brand】 on Chinese SMS) and similar.

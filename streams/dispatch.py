@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from connectors.channels.base import DeliveryResult, DeliveryStatus
+from schemas.config import Channel
 from schemas.models import Outcome, OutcomeCode, RenderedMessage
 from streams.match import Touch
 
@@ -33,10 +35,6 @@ def failed_without_provider(message: RenderedMessage, reason: str) -> Outcome:
     return Outcome.of(message, OutcomeCode.failed, "dispatch", reason)
 
 
-# Requests in flight per dispatch batch: providers are I/O-bound, so overlap them.
-CONCURRENCY = 64
-
-
 def touch_of(outcome: Outcome) -> Touch:
     return Touch(
         message_id=outcome.message_id,
@@ -47,6 +45,19 @@ def touch_of(outcome: Outcome) -> Touch:
     )
 
 
+async def wait_for_token(rt, channel: Channel) -> None:
+    """The provider's rate, shared by all workers: a throttled message waits, it is not failed."""
+    rate = channel.rate_per_s
+    burst = max(1, int(rate))
+    while True:
+        granted, wait_ms = await rt.policy.take_tokens(
+            f"provider:{channel.id}", rate, burst, 1, int(time.time() * 1000)
+        )
+        if granted:
+            return
+        await asyncio.sleep(wait_ms / 1000)  # the bucket says when the next token exists
+
+
 async def deliver(rt, message: RenderedMessage) -> Outcome:
     try:
         adapter = rt.adapter(message.channel)
@@ -54,6 +65,8 @@ async def deliver(rt, message: RenderedMessage) -> Outcome:
         return failed_without_provider(message, str(exc))
     attempt = 1
     while True:
+        if adapter.channel.rate_per_s:
+            await wait_for_token(rt, adapter.channel)
         result = await adapter.send(message)
         if result.status is DeliveryStatus.accepted or not result.retryable or attempt >= MAX_ATTEMPTS:
             outcome = outcome_for(message, adapter.scheme, result, attempt)
@@ -69,10 +82,9 @@ async def deliver(rt, message: RenderedMessage) -> Outcome:
 
 
 async def handle(rt, out, messages: list[RenderedMessage]) -> None:
-    gate = asyncio.Semaphore(CONCURRENCY)
-
     async def bounded(message: RenderedMessage) -> Outcome:
-        async with gate:
+        # One provider slot per send, urgent tiers first (streams.priority).
+        async with rt.gate.slot(message.priority.value):
             return await deliver(rt, message)
 
     claims = await rt.user_state.claim_sends([m.message_id for m in messages])

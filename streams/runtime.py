@@ -20,6 +20,7 @@ from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import DeadLetter, Outcome, Record
 from streams.config_store import ConfigStore
+from streams.priority import PriorityGate
 from streams.throttle import parse_quiet_hours
 
 log = logging.getLogger("loopcast.runtime")
@@ -116,6 +117,7 @@ class Runtime(mode.Service):
         self.user_state: State | None = None
         self.policy: PolicyStore | None = None
         self.quiet_hours = parse_quiet_hours(settings.quiet_hours)
+        self.gate = PriorityGate(settings.dispatch_slots, enabled=settings.priority_routing)
         self.warehouse = None
         self.owns_warehouse = owns_warehouse
         self.serve_http = serve_http

@@ -129,3 +129,19 @@ def test_a_replayed_trigger_is_never_sent_twice(worker) -> None:
     finally:
         wh.close()
     assert len(arrived(settings, "replay")) == 1
+
+
+def test_provider_rate_is_respected(worker) -> None:
+    settings = worker
+    rate, users = 30.0, [f"rate-user-{i:03d}" for i in range(330)]
+    docs = documents(settings, "rate")
+    docs[0] = docs[0].model_copy(update={"rate_per_s": rate})
+    setup(settings, docs, users)
+    fire(settings, "rate_go", users)
+    # 30 at once (the bucket's burst), then 30/s: about ten seconds of sending.
+    wait_for(lambda: len(arrived(settings, "rate")) == len(users), timeout_s=60, what="all 330 at the provider")
+    items = httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"limit": 100000}).json()["items"]
+    times = sorted(i["received_at"] for i in items if i["body"]["campaign_id"] == "rate")
+    steady = times[int(rate):]  # after the initial burst
+    measured = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert abs(measured - rate) / rate <= 0.10, measured

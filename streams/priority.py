@@ -1,0 +1,88 @@
+"""Priority routing for dispatch: provider send slots go to urgent messages first.
+
+All dispatch tiers share one pool of in-flight sends per worker. A freed slot goes to the highest
+tier with a waiter, except that a lower tier gets a guaranteed share of recent grants so it never
+starves. A tier waiting for slots stops taking batches, so Faust stops fetching its partitions
+(backpressure): lower tiers are in effect paused while higher tiers have backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+TIERS = ("high", "normal", "low")
+# Minimum share of recent grants a waiting tier gets, so a marketing backlog still moves.
+DEFAULT_SHARES = {"normal": 0.10, "low": 0.05}
+WINDOW = 200  # grants remembered for the share
+
+
+class PriorityGate:
+    def __init__(self, slots: int, *, shares: dict[str, float] | None = None, enabled: bool = True) -> None:
+        self.free = slots
+        self.shares = DEFAULT_SHARES if shares is None else shares
+        self.enabled = enabled
+        self.waiters: dict[str, deque[asyncio.Future]] = {tier: deque() for tier in TIERS}
+        # Without priority routing: one queue in arrival order (for comparison in `bench policy`).
+        self.fifo: deque[tuple[str, asyncio.Future]] = deque()
+        self.recent: deque[str] = deque(maxlen=WINDOW)
+
+    async def acquire(self, tier: str) -> None:
+        if self.free > 0 and not self._anyone_waiting():
+            self.free -= 1
+            self.recent.append(tier)
+            return
+        future = asyncio.get_running_loop().create_future()
+        if self.enabled:
+            self.waiters[tier].append(future)
+        else:
+            self.fifo.append((tier, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted while being cancelled: hand the slot on
+            raise
+
+    def release(self) -> None:
+        self.free += 1
+        while self.free > 0 and (chosen := self._next()) is not None:
+            tier, future = chosen
+            if future.cancelled():
+                continue
+            self.free -= 1
+            self.recent.append(tier)
+            future.set_result(None)
+
+    def _anyone_waiting(self) -> bool:
+        return bool(self.fifo) or any(self.waiters.values())
+
+    def _next(self) -> tuple[str, asyncio.Future] | None:
+        if not self.enabled:
+            return self.fifo.popleft() if self.fifo else None
+        # A starving lower tier first (lowest first), then strictly by priority.
+        for tier in reversed(TIERS):
+            share = self.shares.get(tier, 0.0)
+            # Judged only over enough grants for the share to mean something (10 for 10%).
+            enough = share and len(self.recent) >= 1 / share
+            if self.waiters[tier] and enough and self.recent.count(tier) < share * len(self.recent):
+                return tier, self.waiters[tier].popleft()
+        for tier in TIERS:
+            if self.waiters[tier]:
+                return tier, self.waiters[tier].popleft()
+        return None
+
+    def slot(self, tier: str) -> _Slot:
+        """`async with gate.slot(tier):` holds one send slot."""
+        return _Slot(self, tier)
+
+
+class _Slot:
+    def __init__(self, gate: PriorityGate, tier: str) -> None:
+        self.gate, self.tier = gate, tier
+
+    async def __aenter__(self) -> None:
+        await self.gate.acquire(self.tier)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.gate.release()
