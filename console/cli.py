@@ -257,6 +257,17 @@ def bench_render(messages: Annotated[int, typer.Option(help="Messages rendered p
     run_render_bench(console, messages=messages)
 
 
+@bench_app.command("policy")
+def bench_policy(
+    messages: Annotated[int, typer.Option(help="Messages through the policy checks.")] = 100_000,
+    backlog: Annotated[int, typer.Option(help="Low-priority messages queued before the urgent ones.")] = 100_000,
+) -> None:
+    """Policy check throughput, and urgent latency under a low-priority backlog with and without routing."""
+    from console.bench import run_policy_bench
+
+    run_policy_bench(Settings(), console, messages=messages, backlog=backlog)
+
+
 @bench_app.command("ab")
 def bench_ab(trials: Annotated[int, typer.Option(help="Simulated experiments per scenario.")] = 500) -> None:
     """The A/B rule under continuous monitoring: correct and false winners, samples to a decision."""

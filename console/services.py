@@ -24,7 +24,9 @@ def _answers(url: str) -> Callable[[], bool]:
     return check
 
 
-def stack(settings: Settings, progress: Callable[[str], None] | None = None) -> Stack:
+def stack(
+    settings: Settings, progress: Callable[[str], None] | None = None, worker_env: dict[str, str] | None = None
+) -> Stack:
     s = Stack(settings, progress=progress)
     s.register(
         "sandbox",
@@ -36,6 +38,7 @@ def stack(settings: Settings, progress: Callable[[str], None] | None = None) -> 
         "worker",
         [sys.executable, "-m", "console", "worker"],
         health=_answers(f"{settings.http_base}/healthz?ready=1"),
+        env=worker_env,
         timeout_s=90,
     )
     return s

@@ -895,6 +895,14 @@ class Stack:
                 if tier:
                     self._stop(tier)
 
+    def stop(self, names: Sequence[str]) -> None:
+        """Stop some of the processes this stack started (e.g. restart a worker with other settings)."""
+        with self._lock():
+            files = self._pid_files()
+            running = [n for n in names if n in files]
+            if running:
+                self._stop(running)
+
     def _stop_timeout(self, name: str) -> float:
         if name in BUILTIN:
             return self._service(name).stop_timeout_s

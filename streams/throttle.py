@@ -6,6 +6,7 @@ the dispatch topic. Every decision that stops a message ends in an outcome with 
 from __future__ import annotations
 
 from datetime import datetime, time, timedelta
+from functools import lru_cache
 
 from connectors.policy_store import AdmitRequest
 from infra import topics
@@ -41,9 +42,22 @@ def dispatch_topic(message: RenderedMessage) -> str:
     return topics.DISPATCH[message.priority.value].name
 
 
+@lru_cache(maxsize=64)
+def _default_rules(daily_cap: int) -> tuple[CapRule, ...]:
+    # The same few rules for every message: built once per cap value, not per message.
+    return tuple(default_rules(daily_cap))
+
+
 def rules_for(campaign: Campaign | None, daily_cap: int) -> list[CapRule]:
     cap = campaign.daily_cap if campaign and campaign.daily_cap is not None else daily_cap
-    return default_rules(cap) + (campaign.caps if campaign else [])
+    return [*_default_rules(cap), *(campaign.caps if campaign else [])]
+
+
+NO_PREFERENCES = Preferences()
+
+
+def preferences_of(stored: dict | None) -> Preferences:
+    return Preferences.model_validate(stored) if stored else NO_PREFERENCES
 
 
 def millis(moment: datetime) -> int:
@@ -98,7 +112,7 @@ async def handle(rt, out, messages: list[RenderedMessage]) -> None:
         verdict = judge(
             message,
             rt.config.campaign(message.campaign_id),
-            Preferences.model_validate(prefs or {}),
+            preferences_of(prefs),
             now=now,
             global_quiet=rt.quiet_hours,
             default_timezone=rt.settings.default_timezone,
