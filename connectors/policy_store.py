@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
+from connectors.state import redis_client
+
 # (key, limit, rolling_seconds | None, ttl_s, rule) — the shape of policy.CapCheck, kept as a plain tuple so
 # this module does not depend on streams.policy.
 CheckTuple = tuple[str, int, int | None, int, str]
@@ -160,7 +162,7 @@ class PolicyStore:
     cap keys come whole from the caller (streams.policy builds them) and are used as given."""
 
     def __init__(self, url: str, prefix: str = "") -> None:
-        self.redis = aioredis.from_url(url, decode_responses=False)
+        self.redis = redis_client(url)
         self.prefix = prefix
         self._admit = self.redis.register_script(_ADMIT_SCRIPT)
         self._bucket = self.redis.register_script(_BUCKET_SCRIPT)

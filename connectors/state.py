@@ -31,6 +31,13 @@ def touch_key(user_id: str) -> str:
     return f"touch:{user_id}"
 
 
+def redis_client(url: str, max_connections: int = 64) -> aioredis.Redis:
+    """A client whose callers wait for a free connection instead of failing: under load a burst of
+    receipts and sends must queue, not turn into errors that make a batch retry."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=30)
+    return aioredis.Redis(connection_pool=pool)
+
+
 def send_claim_key(message_id: str) -> str:
     return f"sent:{message_id}"
 
@@ -53,7 +60,7 @@ def held_key(campaign_id: str) -> str:
 
 class State:
     def __init__(self, url: str) -> None:
-        self.redis = aioredis.from_url(url, decode_responses=False)
+        self.redis = redis_client(url)
         # Identifies this process's send claims (see claim_sends).
         self.owner = uuid.uuid4().hex.encode()
 

@@ -59,6 +59,9 @@ async def wait_for_token(rt, channel: Channel) -> None:
 
 
 async def deliver(rt, message: RenderedMessage) -> Outcome:
+    # Handed over already by this process (a batch retried after a blip): the same outcome, no resend.
+    if (done := rt.handed_over.get(message.message_id)) is not None:
+        return done
     try:
         adapter = rt.adapter(message.channel)
     except (LookupError, ValueError) as exc:
@@ -70,6 +73,7 @@ async def deliver(rt, message: RenderedMessage) -> Outcome:
         result = await adapter.send(message)
         if result.status is DeliveryStatus.accepted or not result.retryable or attempt >= MAX_ATTEMPTS:
             outcome = outcome_for(message, adapter.scheme, result, attempt)
+            rt.handed_over.remember(message.message_id, outcome)
             if outcome.code is OutcomeCode.sent:
                 # Right away, not at the end of the batch: a provider's receipt can come back
                 # within milliseconds and must find its message.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mode
@@ -59,6 +60,20 @@ class Output:
         if futures:
             await asyncio.gather(*futures)
         self.items.clear()
+
+
+class Recent(OrderedDict):
+    """A bounded memory of recent results by key (oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def remember(self, key, value) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.size:
+            self.popitem(last=False)
 
 
 class ConfigFollower:
@@ -118,6 +133,8 @@ class Runtime(mode.Service):
         self.policy: PolicyStore | None = None
         self.quiet_hours = parse_quiet_hours(settings.quiet_hours)
         self.gate = PriorityGate(settings.dispatch_slots, enabled=settings.priority_routing)
+        # Outcomes of messages this process handed to a provider, so a retried batch never resends.
+        self.handed_over = Recent(200_000)
         self.warehouse = None
         self.owns_warehouse = owns_warehouse
         self.serve_http = serve_http

@@ -142,6 +142,6 @@ def test_provider_rate_is_respected(worker) -> None:
     wait_for(lambda: len(arrived(settings, "rate")) == len(users), timeout_s=60, what="all 330 at the provider")
     items = httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"limit": 100000}).json()["items"]
     times = sorted(i["received_at"] for i in items if i["body"]["campaign_id"] == "rate")
-    steady = times[int(rate):]  # after the initial burst
+    steady = times[int(rate) :]  # after the initial burst
     measured = (len(steady) - 1) / (steady[-1] - steady[0])
     assert abs(measured - rate) / rate <= 0.10, measured
