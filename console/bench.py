@@ -28,6 +28,7 @@ from infra.waiting import wait_for
 from schemas.config import Campaign, Channel, Priority, Template, Trigger
 from schemas.contracts import encode
 from schemas.models import Event
+from streams.policy import Category, QuietHours
 
 PAYLOAD = b"x" * 200
 
@@ -90,6 +91,8 @@ def bench_documents(settings: Settings, run: str) -> list:
             template_id="bench-t",
             priority=Priority.high,
             daily_cap=1_000_000,
+            # Measured at any hour: quiet hours would defer everything at night.
+            quiet_hours=QuietHours(enabled=False),
         ),
     ]
 
@@ -390,7 +393,9 @@ def priority_run(settings: Settings, local, routing: bool, backlog: int, progres
             trigger=Trigger(event_type=f"urgent_{run}"),
             channel="bench-hook",
             template_id="bench-t",
+            # Urgent in the policy's sense (high-priority service): quiet hours do not hold it back.
             priority=Priority.high,
+            category=Category.service,
             daily_cap=1_000_000,
         ),
     ]

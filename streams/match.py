@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 
 from schemas.config import Campaign
-from schemas.models import Event, MatchedMessage, Outcome, OutcomeCode, now_utc
+from schemas.models import Event, MatchedMessage, Outcome, OutcomeCode, Priority, now_utc
 
 
 def message_id(campaign_id: str, user_id: str, event_id: str, channel: str) -> str:
@@ -88,4 +88,6 @@ async def handle(rt, out, events: list[Event]) -> None:
                 out.outcome(outcome)
     for event in events:
         for message in match_event(event, rt.config.by_trigger.get(event.event_type, [])):
+            if message.priority is Priority.high:
+                rt.gate.note_urgent()
             out.send(topics.MATCHED.name, message.user_id, message)

@@ -15,6 +15,11 @@ TIERS = ("high", "normal", "low")
 # Minimum share of recent grants a waiting tier gets, so a marketing backlog still moves.
 DEFAULT_SHARES = {"normal": 0.10, "low": 0.05}
 WINDOW = 200  # grants remembered for the share
+# After an urgent message is seen anywhere in the loop, lower tiers pause this long: the worker's CPU
+# goes to the urgent path (match, render, throttle) instead of to the backlog's sends and receipts.
+URGENT_HOLD_S = 2.0
+# While paused, a lower tier still gets one send per this interval (its trickle, so it never starves).
+TRICKLE_S = 0.05
 
 
 class PriorityGate:
@@ -26,8 +31,25 @@ class PriorityGate:
         # Without priority routing: one queue in arrival order (for comparison in `bench policy`).
         self.fifo: deque[tuple[str, asyncio.Future]] = deque()
         self.recent: deque[str] = deque(maxlen=WINDOW)
+        self.urgent_until = 0.0
+        self._next_trickle = 0.0
+
+    def note_urgent(self) -> None:
+        """A stage handled a high-priority message: hold lower tiers back for a moment."""
+        if self.enabled:
+            self.urgent_until = asyncio.get_running_loop().time() + URGENT_HOLD_S
+
+    async def _paused(self, tier: str) -> None:
+        loop = asyncio.get_running_loop()
+        while tier != "high" and (now := loop.time()) < self.urgent_until:
+            if now >= self._next_trickle:
+                self._next_trickle = now + TRICKLE_S
+                return
+            # Pausing a tier is a schedule: it waits for the urgent traffic to pass, checking again soon.
+            await asyncio.sleep(min(TRICKLE_S, self.urgent_until - now))
 
     async def acquire(self, tier: str) -> None:
+        await self._paused(tier)
         if self.free > 0 and not self._anyone_waiting():
             self.free -= 1
             self.recent.append(tier)

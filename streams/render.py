@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 
 from schemas.config import Campaign, Channel, Template
 from schemas.contracts import encode
-from schemas.models import MatchedMessage, Outcome, OutcomeCode, RenderedMessage
+from schemas.models import MatchedMessage, Outcome, OutcomeCode, Priority, RenderedMessage
 from streams.copy.channels import RULES, AdaptationError, Content, adapt
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compiled
 from streams.copy.variants import Variant, assign
@@ -187,6 +187,8 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
     profiles = await rt.user_state.profiles([m.user_id for m in messages])
     held: dict[str, list[bytes]] = defaultdict(list)
     short_links = ShortLinks()
+    if any(m.priority is Priority.high for m in messages):
+        rt.gate.note_urgent()
     for message, profile in zip(messages, profiles, strict=True):
         campaign = campaigns[message.campaign_id]
         if campaign is not None:

@@ -12,7 +12,7 @@ from connectors.policy_store import AdmitRequest
 from infra import topics
 from schemas.config import Campaign
 from schemas.contracts import encode
-from schemas.models import Outcome, OutcomeCode, RenderedMessage, now_utc
+from schemas.models import Outcome, OutcomeCode, Priority, RenderedMessage, now_utc
 from streams.policy import (
     DEDUP_TTL_S,
     CapRule,
@@ -104,6 +104,8 @@ def judge(
 
 
 async def handle(rt, out, messages: list[RenderedMessage]) -> None:
+    if any(m.priority is Priority.high for m in messages):
+        rt.gate.note_urgent()
     now = now_utc()
     stored = await rt.policy.preferences([m.user_id for m in messages])
     deferrals: list[tuple[int, bytes]] = []
