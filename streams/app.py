@@ -60,6 +60,9 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
         broker_max_poll_records=settings.batch_size * 2,
         producer_linger_ms=2,
         stream_wait_empty=False,
+        # Two batches per stream: enough to keep a stage busy, small enough that a paused tier's
+        # buffered messages drain in a moment.
+        stream_buffer_maxsize=settings.batch_size * 2,
     )
     names = {s.name for s in stages}
     runtime = Runtime(
@@ -71,6 +74,15 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
     runtime.render_settings = RenderSettings(settings.http_base, settings.link_secret.get_secret_value())
     for spec in stages:
         _wire(app, runtime, spec, settings)
+    lower = {topics.DISPATCH_NORMAL.name, topics.DISPATCH_LOW.name}
+
+    def lower_partitions():
+        return [tp for tp in app.consumer.assignment() if tp.topic in lower]
+
+    runtime.gate.bind(
+        pause=lambda: app.consumer.pause_partitions(lower_partitions()),
+        resume=lambda: app.consumer.resume_partitions(lower_partitions()),
+    )
     return app, runtime
 
 

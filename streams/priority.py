@@ -10,20 +10,33 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 TIERS = ("high", "normal", "low")
 # Minimum share of recent grants a waiting tier gets, so a marketing backlog still moves.
 DEFAULT_SHARES = {"normal": 0.10, "low": 0.05}
 WINDOW = 200  # grants remembered for the share
-# After an urgent message is seen anywhere in the loop, lower tiers pause this long: the worker's CPU
-# goes to the urgent path (match, render, throttle) instead of to the backlog's sends and receipts.
+# After an urgent message is seen anywhere in the loop, lower tiers' partitions pause this long: the
+# consumer stops fetching them (Faust's one fetcher would otherwise block on their full buffers and
+# stall every topic), and the worker's CPU goes to the urgent path.
 URGENT_HOLD_S = 2.0
-# While paused, a lower tier still gets one send per this interval (its trickle, so it never starves).
-TRICKLE_S = 0.05
+# A pause lasts at most this long, then lower tiers run for RESUME_S: their guaranteed share.
+MAX_PAUSE_S = 5.0
+RESUME_S = 0.5
 
 
 class PriorityGate:
-    def __init__(self, slots: int, *, shares: dict[str, float] | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        slots: int,
+        *,
+        shares: dict[str, float] | None = None,
+        enabled: bool = True,
+        hold_s: float = URGENT_HOLD_S,
+        max_pause_s: float = MAX_PAUSE_S,
+        resume_s: float = RESUME_S,
+    ) -> None:
+        self.hold_s, self.max_pause_s, self.resume_s = hold_s, max_pause_s, resume_s
         self.free = slots
         self.shares = DEFAULT_SHARES if shares is None else shares
         self.enabled = enabled
@@ -32,24 +45,43 @@ class PriorityGate:
         self.fifo: deque[tuple[str, asyncio.Future]] = deque()
         self.recent: deque[str] = deque(maxlen=WINDOW)
         self.urgent_until = 0.0
-        self._next_trickle = 0.0
+        self.paused_since: float | None = None
+        self._pause: Callable[[], None] = lambda: None
+        self._resume: Callable[[], None] = lambda: None
+        self._watch: asyncio.Task | None = None
+
+    def bind(self, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        """How to pause and resume the lower tiers' partitions (the worker's Kafka consumer)."""
+        self._pause, self._resume = pause, resume
 
     def note_urgent(self) -> None:
-        """A stage handled a high-priority message: hold lower tiers back for a moment."""
-        if self.enabled:
-            self.urgent_until = asyncio.get_running_loop().time() + URGENT_HOLD_S
-
-    async def _paused(self, tier: str) -> None:
+        """A stage handled a high-priority message: pause the lower tiers for a moment."""
+        if not self.enabled:
+            return
         loop = asyncio.get_running_loop()
-        while tier != "high" and (now := loop.time()) < self.urgent_until:
-            if now >= self._next_trickle:
-                self._next_trickle = now + TRICKLE_S
-                return
-            # Pausing a tier is a schedule: it waits for the urgent traffic to pass, checking again soon.
-            await asyncio.sleep(min(TRICKLE_S, self.urgent_until - now))
+        self.urgent_until = loop.time() + self.hold_s
+        if self.paused_since is None and (self._watch is None or self._watch.done()):
+            self.paused_since = loop.time()
+            self._pause()
+            self._watch = loop.create_task(self._resume_when_calm())
+
+    async def _resume_when_calm(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.paused_since is not None:
+            now = loop.time()
+            if now >= self.urgent_until or now - self.paused_since >= self.max_pause_s:
+                self.paused_since = None
+                self._resume()
+                if now < self.urgent_until:
+                    # Still urgent traffic: the lower tiers' share, then pause again.
+                    await asyncio.sleep(self.resume_s)  # a duty cycle, not synchronisation
+                    if loop.time() < self.urgent_until:
+                        self.paused_since = loop.time()
+                        self._pause()
+                continue
+            await asyncio.sleep(min(0.05, self.urgent_until - now))  # re-checked: urgency may be extended
 
     async def acquire(self, tier: str) -> None:
-        await self._paused(tier)
         if self.free > 0 and not self._anyone_waiting():
             self.free -= 1
             self.recent.append(tier)

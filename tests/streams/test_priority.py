@@ -47,3 +47,36 @@ def test_lower_tiers_get_their_guaranteed_share() -> None:
     # Low waits behind high, but not entirely: about its 10% share while high has backlog.
     assert 5 <= first_100.count("low") <= 15 and served[0] == "high"
     assert served.count("low") == 50  # and nothing is lost
+
+
+def test_urgent_traffic_pauses_lower_tiers_then_resumes() -> None:
+    events: list[str] = []
+
+    async def scenario() -> list[str]:
+        loop = asyncio.get_running_loop()
+        gate = PriorityGate(4, hold_s=0.2, max_pause_s=0.5, resume_s=0.05)
+        gate.bind(pause=lambda: events.append("pause"), resume=lambda: events.append("resume"))
+        started = loop.time()
+        # Urgent messages keep arriving for 0.8 s: paused, a short resume at the 0.5 s cap (the
+        # lower tiers' share), paused again, then resumed once the urgency has passed.
+        while loop.time() - started < 0.8:
+            gate.note_urgent()
+            await asyncio.sleep(0.02)  # the simulated arrival rate of urgent messages
+        deadline = loop.time() + 5
+        while events[-1:] != ["resume"] or gate.paused_since is not None:
+            assert loop.time() < deadline, events
+            await asyncio.sleep(0.01)
+        return events
+
+    assert asyncio.run(scenario()) == ["pause", "resume", "pause", "resume"]
+
+
+def test_no_pausing_without_routing() -> None:
+    async def scenario() -> list[str]:
+        events: list[str] = []
+        gate = PriorityGate(4, enabled=False)
+        gate.bind(pause=lambda: events.append("pause"), resume=lambda: events.append("resume"))
+        gate.note_urgent()
+        return events
+
+    assert asyncio.run(scenario()) == []
