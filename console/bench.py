@@ -384,15 +384,16 @@ def priority_run(settings: Settings, local, routing: bool, backlog: int, progres
     local.stop(["worker"])
     make_stack(settings, worker_env={"LOOPCAST_PRIORITY_ROUTING": str(routing).lower()}).up(["worker"])
     reset_sandbox(settings)
+    channel, template, _ = bench_documents(settings, run)
     documents = [
-        Channel(id="bench-hook", provider="webhook", url=f"{settings.sandbox_base}/webhook/bench"),
-        Template(id="bench-t", title="Deal", body="{{ product }} is back in stock"),
+        channel,
+        template,
         Campaign(
             id=f"urgent-{run}",
             name="urgent",
             trigger=Trigger(event_type=f"urgent_{run}"),
-            channel="bench-hook",
-            template_id="bench-t",
+            channel=channel.id,
+            template_id=template.id,
             # Urgent in the policy's sense (high-priority service): quiet hours do not hold it back.
             priority=Priority.high,
             category=Category.service,
