@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
+from infra import topics
 from schemas.config import Campaign
 from schemas.models import Event, MatchedMessage, Outcome, OutcomeCode, Priority, now_utc
 
@@ -77,8 +78,6 @@ def attribute_conversion(event: Event, campaigns: list[Campaign], touches: dict[
 
 async def handle(rt, out, events: list[Event]) -> None:
     """Agent glue: conversions first (they read touches from Redis), then new messages."""
-    from infra import topics
-
     converting = [e for e in events if e.event_type in rt.config.by_conversion]
     if converting:
         for event, touches in zip(

@@ -15,6 +15,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from infra import topics
 from schemas.config import Campaign, Channel, Template
 from schemas.contracts import encode
 from schemas.models import MatchedMessage, Outcome, OutcomeCode, Priority, RenderedMessage
@@ -180,8 +181,6 @@ def preview(template: Template, profile: dict[str, Any], event: dict[str, Any], 
 
 
 async def handle(rt, out, messages: list[MatchedMessage]) -> None:
-    from infra import topics
-
     campaigns = {m.campaign_id: rt.config.campaign(m.campaign_id) for m in messages}
     ab_states = await rt.user_state.ab_states([cid for cid, c in campaigns.items() if c is not None and c.variants])
     profiles = await rt.user_state.profiles([m.user_id for m in messages])

@@ -190,17 +190,11 @@ class Runtime(mode.Service):
         if cached is not None and cached.channel == channel:
             return cached
         cls = adapter_class(channel.provider)
-        adapter = cls(channel, self.credentials(cls))
+        adapter = cls(channel, cls.credentials_from(self.settings))
         self._adapters[channel_id] = adapter
         if cached is not None:
             asyncio.ensure_future(cached.close())
         return adapter
-
-    def credentials(self, cls: type[ChannelAdapter]):
-        # Secrets come from settings only; each provider's Credentials model says which it needs.
-        if cls.scheme == "webhook":
-            return cls.Credentials(secret=self.settings.webhook_secret)
-        return cls.Credentials()
 
     async def on_stop(self) -> None:
         for loop in self._loops:

@@ -47,6 +47,12 @@ class ChannelAdapter(abc.ABC):
     class Credentials(BaseModel):
         """Secrets come from settings, never from a Kafka message."""
 
+    @classmethod
+    def credentials_from(cls, settings) -> BaseModel:
+        """The provider's secrets, read from settings (never from a Kafka message); each provider
+        says which settings it needs, so the runtime has no per-provider code."""
+        return cls.Credentials()
+
     def __init__(self, channel: Channel, credentials: BaseModel) -> None:
         self.channel = channel
         self.credentials = credentials

@@ -75,6 +75,10 @@ class WebhookAdapter(ChannelAdapter):
     class Credentials(BaseModel):
         secret: SecretStr
 
+    @classmethod
+    def credentials_from(cls, settings) -> Credentials:
+        return cls.Credentials(secret=settings.webhook_secret)
+
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
         if channel.url is None:

@@ -110,3 +110,9 @@ def test_adapter_against_sandbox() -> None:
     assert r["rejected"] == 1
     [(body, header)] = r["receipts"]
     assert verify(SECRET, body, header) and b'"status": "delivered"' in body
+
+
+@pytest.mark.unit
+def test_credentials_come_from_settings() -> None:
+    credentials = WebhookAdapter.credentials_from(Settings(webhook_secret=SecretStr("from-env")))
+    assert credentials.secret.get_secret_value() == "from-env"
