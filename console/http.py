@@ -16,7 +16,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from connectors.channels.webhook import SIGNATURE_HEADER, verify
+from connectors.channels.base import ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.policy_store import PolicyStore
 from connectors.state import State
 from infra import topics
@@ -48,6 +48,7 @@ class Endpoints:
         self.policy = policy
         self.producer = producer
         self.ready = ready
+        self._credentials: dict[str, object] = {}
 
     async def publish(self, topic: str, key: str, value) -> None:
         await self.producer.send_and_wait(topic, encode(value), key=key.encode())
@@ -124,35 +125,55 @@ class Endpoints:
         log.info("unsubscribed %s (channel=%s, category=%s)", user_id, channel, category)
         return prefs
 
-    async def webhook_receipt(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if not verify(self.settings.webhook_secret.get_secret_value(), body, request.headers.get(SIGNATURE_HEADER)):
-            raise web.HTTPUnauthorized(text="bad signature")
+    async def receipt(self, request: web.Request) -> web.Response:
+        """Any provider's delivery callback: its adapter verifies and parses it; each receipt
+        becomes a `delivered` / `undelivered` outcome of the message it belongs to."""
+        scheme = request.match_info["scheme"]
         try:
-            receipt = json.loads(body)
-            provider_id, status = str(receipt["id"]), receipt["status"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise web.HTTPBadRequest(text=f"malformed receipt: {exc!r}") from None
-        target = await self.state.receipt_target("webhook", provider_id)
-        if target is None:
-            # The receipt can overtake our record of the send; a 404 makes the provider retry,
-            # as SMS gateways and push services do for any non-2xx answer.
-            log.info("receipt for provider message id %s not known yet", provider_id)
-            return web.json_response({"ok": False, "reason": "unknown message id"}, status=404)
-        outcome = Outcome(
-            message_id=target["message_id"],
-            campaign_id=target["campaign_id"],
-            user_id=target["user_id"],
-            channel=target["channel"],
-            code=OutcomeCode.delivered if status == "delivered" else OutcomeCode.undelivered,
-            stage="receipt",
-            reason=None if status == "delivered" else str(receipt.get("error") or status),
-            provider="webhook",
-            provider_message_id=provider_id,
-            triggered_at=datetime.fromisoformat(target["triggered_at"]),
+            cls = adapter_class(scheme)
+        except LookupError:
+            raise web.HTTPNotFound(text=f"no provider {scheme!r}") from None
+        credentials = self._credentials.get(scheme)
+        if credentials is None:
+            credentials = self._credentials[scheme] = cls.credentials_from(self.settings)
+        call = ReceiptRequest(
+            method=request.method,
+            url=str(request.url),
+            headers=request.headers,
+            body=await request.read(),
+            query=request.query,
         )
-        await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
-        return web.json_response({"ok": True})
+        try:
+            receipts = cls.parse_receipts(credentials, call)
+        except ReceiptRejected as exc:
+            log.warning("receipt from %s refused (%s): %s", scheme, exc.status, exc)
+            return web.json_response({"ok": False, "reason": str(exc)}, status=exc.status)
+        unknown = 0
+        for receipt in receipts:
+            target = await self.state.receipt_target(scheme, receipt.provider_message_id)
+            if target is None:
+                unknown += 1
+                continue
+            outcome = Outcome(
+                message_id=target["message_id"],
+                campaign_id=target["campaign_id"],
+                user_id=target["user_id"],
+                channel=target["channel"],
+                code=OutcomeCode.delivered if receipt.delivered else OutcomeCode.undelivered,
+                stage="receipt",
+                reason=None if receipt.delivered else receipt.error_code or "undelivered",
+                provider=scheme,
+                provider_message_id=receipt.provider_message_id,
+                triggered_at=datetime.fromisoformat(target["triggered_at"]),
+            )
+            await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
+        if unknown:
+            # A receipt can overtake our record of the send; a 404 makes the provider retry,
+            # as SMS gateways and push services do for any non-2xx answer.
+            log.info("%d receipt(s) from %s for message ids not known yet", unknown, scheme)
+            return web.json_response({"ok": False, "reason": "unknown message id"}, status=404)
+        status, body, content_type = cls.receipt_answer()
+        return web.Response(status=status, text=body, content_type=content_type)
 
     async def ingest(self, request: web.Request) -> web.Response:
         """POST one event or a list of events as JSON; invalid ones are refused with reasons."""
@@ -188,7 +209,8 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
             web.get("/healthz", endpoints.health),
             web.get("/c/{token}", endpoints.click),
             web.get("/s/{code}", endpoints.short_click),
-            web.post("/receipts/webhook", endpoints.webhook_receipt),
+            web.post("/receipts/{scheme}", endpoints.receipt),
+            web.get("/receipts/{scheme}", endpoints.receipt),
             web.post("/v1/events", endpoints.ingest),
             web.get("/u/{token}", endpoints.unsubscribe_link),
             web.post("/u/{token}", endpoints.unsubscribe_link),

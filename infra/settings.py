@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LOOPCAST_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LOOPCAST_", env_nested_delimiter="__", extra="ignore")
 
     # Where the local stack keeps state, logs and pid files.
     home: Path = Field(default_factory=lambda: Path.home() / ".cache" / "loopcast")
@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     ab_interval_s: float = 5.0
     webhook_secret: SecretStr = SecretStr("loopcast-dev-webhook-secret")
     link_secret: SecretStr = SecretStr("loopcast-dev-link-secret")
+    # Channel providers' credentials by scheme ("-" written "_"), e.g.
+    # LOOPCAST_PROVIDERS__TWILIO__AUTH_TOKEN; each provider's Credentials model validates its own.
+    providers: dict[str, dict[str, str]] = Field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:

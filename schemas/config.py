@@ -137,8 +137,12 @@ class Template(Document):
 class Channel(Document):
     kind: Literal[ConfigKind.channel] = ConfigKind.channel
     provider: str = Field(description="A scheme from the channel registry, e.g. 'webhook'.")
-    # Provider endpoint; secrets never travel here, they come from settings.
+    # The provider's API root (its public default when unset; a sandbox in tests and the demo).
+    # Secrets never travel here: they come from settings.
     url: HttpUrl | None = None
+    # The provider's non-secret settings: sender number, SMS sign name and template code, FCM
+    # project id, APNs topic, Slack channel … each adapter documents the keys it reads.
+    options: dict[str, str] = Field(default_factory=dict)
     timeout_s: float = Field(default=5.0, gt=0)
     # The profile field holding the user's address on this channel.
     address_field: str = "user_id"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import abc
 import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar
 
@@ -28,6 +30,85 @@ class DeliveryResult(BaseModel):
     retryable: bool = False
     error_code: str | None = None
     raw: str | None = None
+    # A throttling provider's Retry-After, in seconds: the retry waits at least this long.
+    retry_after_s: float | None = None
+
+
+def accepted(provider_message_id: str | None, raw: str | None = None) -> DeliveryResult:
+    return DeliveryResult(
+        status=DeliveryStatus.accepted, provider_message_id=provider_message_id, raw=(raw or "")[:500]
+    )
+
+
+def rejected(error_code: str, raw: str | None = None, *, retryable: bool = False) -> DeliveryResult:
+    """The provider answered and said no (a business error code in its own format)."""
+    return DeliveryResult(
+        status=DeliveryStatus.failed, error_code=error_code, retryable=retryable, raw=(raw or "")[:500]
+    )
+
+
+def http_failure(
+    status: int, raw: str | None = None, retry_after: str | None = None, code: str | None = None
+) -> DeliveryResult:
+    """A non-2xx answer: 429 and 5xx are worth retrying (429 after its Retry-After), other 4xx are not."""
+    try:
+        wait = float(retry_after) if retry_after else None
+    except ValueError:
+        wait = None  # an HTTP date; the retry's own backoff applies
+    return DeliveryResult(
+        status=DeliveryStatus.failed,
+        retryable=status == 429 or status >= 500,
+        error_code=code or f"http_{status}",
+        raw=(raw or "")[:500],
+        retry_after_s=wait,
+    )
+
+
+def transport_failure(exc: BaseException) -> DeliveryResult:
+    """No answer (timeout, refused connection): retryable; the provider may not have seen it."""
+    code = "timeout" if isinstance(exc, TimeoutError) else "transport"
+    return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code=code, raw=repr(exc)[:500])
+
+
+def malformed(raw: str | None, *, retryable: bool = False) -> DeliveryResult:
+    """A success status with a body we cannot read: whether it was sent is unknown, so it is
+    retried only where the provider dedups retries (an idempotency key); never twice wins."""
+    return DeliveryResult(
+        status=DeliveryStatus.failed, retryable=retryable, error_code="malformed_response", raw=(raw or "")[:500]
+    )
+
+
+class Receipt(BaseModel):
+    """One delivery report from a provider, correlated to our message by the provider's id."""
+
+    model_config = ConfigDict(frozen=True)
+    provider_message_id: str
+    delivered: bool
+    error_code: str | None = None
+
+
+@dataclass(frozen=True)
+class ReceiptRequest:
+    """A provider's callback as it arrived: what a signature check needs (URL, headers, raw body)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+class ReceiptRejected(Exception):
+    """A callback we will not take: `status` is what the provider is answered (401 bad signature,
+    400 malformed)."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def bad_signature(reason: str = "signature does not verify") -> ReceiptRejected:
+    return ReceiptRejected(reason, status=401)
 
 
 class Limits(BaseModel):
@@ -48,10 +129,26 @@ class ChannelAdapter(abc.ABC):
         """Secrets come from settings, never from a Kafka message."""
 
     @classmethod
+    def settings_key(cls) -> str:
+        return cls.scheme.replace("-", "_")
+
+    @classmethod
     def credentials_from(cls, settings) -> BaseModel:
-        """The provider's secrets, read from settings (never from a Kafka message); each provider
-        says which settings it needs, so the runtime has no per-provider code."""
-        return cls.Credentials()
+        """The provider's secrets from settings (never from a Kafka message): env
+        LOOPCAST_PROVIDERS__<SCHEME>__<FIELD>, e.g. LOOPCAST_PROVIDERS__TWILIO__AUTH_TOKEN. A field's
+        default is the sandbox's value, so a local stack needs no setup; production sets them all."""
+        return cls.Credentials.model_validate(settings.providers.get(cls.settings_key(), {}))
+
+    @classmethod
+    def parse_receipts(cls, credentials: BaseModel, request: ReceiptRequest) -> list[Receipt]:
+        """Turn a provider's delivery callback into receipts, verifying its signature first
+        (raise `bad_signature()`); only providers with `sends_receipts` implement it."""
+        raise ReceiptRejected(f"{cls.scheme} sends no receipts", status=404)
+
+    @classmethod
+    def receipt_answer(cls) -> tuple[int, str, str]:
+        """What the provider expects back from a receipt callback: status, body, content type."""
+        return 200, '{"ok":true}', "application/json"
 
     def __init__(self, channel: Channel, credentials: BaseModel) -> None:
         self.channel = channel

@@ -17,7 +17,19 @@ import time
 import aiohttp
 from pydantic import BaseModel, SecretStr
 
-from connectors.channels.base import ChannelAdapter, DeliveryResult, DeliveryStatus, Limits
+from connectors.channels.base import (
+    ChannelAdapter,
+    DeliveryResult,
+    Limits,
+    Receipt,
+    ReceiptRejected,
+    ReceiptRequest,
+    accepted,
+    bad_signature,
+    http_failure,
+    malformed,
+    transport_failure,
+)
 from schemas.config import Channel
 from schemas.models import RenderedMessage
 
@@ -79,6 +91,24 @@ class WebhookAdapter(ChannelAdapter):
     def credentials_from(cls, settings) -> Credentials:
         return cls.Credentials(secret=settings.webhook_secret)
 
+    @classmethod
+    def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
+        if not verify(credentials.secret.get_secret_value(), request.body, request.headers.get(SIGNATURE_HEADER)):
+            raise bad_signature()
+        try:
+            receipt = json.loads(request.body)
+            return [
+                Receipt(
+                    provider_message_id=str(receipt["id"]),
+                    delivered=receipt["status"] == "delivered",
+                    error_code=None
+                    if receipt["status"] == "delivered"
+                    else str(receipt.get("error") or receipt["status"]),
+                )
+            ]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReceiptRejected(f"malformed receipt: {exc!r}") from None
+
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
         if channel.url is None:
@@ -100,23 +130,15 @@ class WebhookAdapter(ChannelAdapter):
         try:
             async with self.session.post(self.url, data=body, headers=headers) as response:
                 text = await response.text()
-                status = response.status
-        except TimeoutError as exc:
-            return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="timeout", raw=repr(exc))
-        except aiohttp.ClientError as exc:
-            return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="transport", raw=repr(exc))
-        if 200 <= status < 300:
-            try:
-                provider_id = json.loads(text).get("id")
-            except (ValueError, AttributeError):
-                provider_id = None
-            return DeliveryResult(status=DeliveryStatus.accepted, provider_message_id=provider_id, raw=text[:500])
-        return DeliveryResult(
-            status=DeliveryStatus.failed,
-            retryable=status == 429 or status >= 500,
-            error_code=f"http_{status}",
-            raw=text[:500],
-        )
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return transport_failure(exc)
+        if not 200 <= status < 300:
+            return http_failure(status, text, retry_after)
+        try:
+            return accepted(str(json.loads(text)["id"]), text)
+        except (ValueError, KeyError, TypeError):
+            return malformed(text, retryable=True)  # the receiver dedups by Idempotency-Key
 
     async def close(self) -> None:
         await self.session.close()

@@ -1,29 +1,59 @@
 """Provider sandboxes on loopback: the adapters are pointed at them by configuration only.
 
-`python -m connectors.channels.sandboxes` (or `loopcast sandbox up`) serves every sandbox on
-one port, each under its provider's path.
+Every registered provider has a module here named after its scheme ("aliyun-sms" →
+aliyun_sms.py) with `routes(box, ctx)`, served under /<scheme>/ on one port, so a channel's
+`url` of http://127.0.0.1:<sandbox port>/<scheme> stands in for the provider's API root. A
+provider that is not HTTP (SMTP) may also define `async serve(box, ctx)`, returning an async
+close callable. `python -m connectors.channels.sandboxes` (or `loopcast sandbox up`) serves all.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Iterable
+
 from aiohttp import web
 
-from connectors.channels.sandboxes import webhook
-from connectors.channels.sandboxes.core import Sandbox, inspection_routes
+from connectors.channels.base import REGISTRY, adapter_class
+from connectors.channels.sandboxes.core import Sandbox, SandboxContext, inspection_routes
 from infra.settings import Settings
 
 
-def build_app(settings: Settings) -> tuple[web.Application, dict[str, Sandbox]]:
-    boxes = {"webhook": Sandbox("webhook")}
-    app = web.Application()
-    app.add_routes(inspection_routes(boxes))
-    app.add_routes(
-        webhook.routes(
-            boxes["webhook"], settings.webhook_secret.get_secret_value(), f"{settings.http_base}/receipts/webhook"
-        )
+def module_for(scheme: str):
+    return importlib.import_module(f"connectors.channels.sandboxes.{scheme.replace('-', '_')}")
+
+
+def context_for(scheme: str, settings: Settings) -> SandboxContext:
+    cls = adapter_class(scheme)
+    return SandboxContext(
+        scheme=scheme,
+        credentials=cls.credentials_from(settings),
+        receipt_url=f"{settings.http_base}/receipts/{scheme}",
+        settings=settings,
     )
 
+
+def build_app(settings: Settings, schemes: Iterable[str] | None = None) -> tuple[web.Application, dict[str, Sandbox]]:
+    chosen = sorted(schemes if schemes is not None else REGISTRY)
+    boxes = {scheme: Sandbox(scheme) for scheme in chosen}
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.add_routes(inspection_routes(boxes))
+    closers = []
+    for scheme in chosen:
+        module, ctx = module_for(scheme), context_for(scheme, settings)
+        sub = web.Application(client_max_size=16 * 1024 * 1024)
+        sub.add_routes(module.routes(boxes[scheme], ctx))
+        app.add_subapp(f"/{scheme}", sub)
+        if hasattr(module, "serve"):
+
+            async def start(_: web.Application, module=module, box=boxes[scheme], ctx=ctx) -> None:
+                closers.append(await module.serve(box, ctx))
+
+            app.on_startup.append(start)
+
     async def close(_: web.Application) -> None:
+        for closer in closers:
+            await closer()
         for box in boxes.values():
             await box.close()
 

@@ -24,10 +24,37 @@ class Faults(BaseModel):
     error_rate: float = Field(default=0, ge=0, le=1)
     throttle_rate: float = Field(default=0, ge=0, le=1)
     outage: bool = False
+    # Share of requests answered 200 with a body the provider's client cannot parse.
+    malformed_rate: float = Field(default=0, ge=0, le=1)
     # Share of accepted messages whose receipt says the handset never got it.
     undelivered_rate: float = Field(default=0, ge=0, le=1)
     receipt_delay_ms: float = Field(default=200, ge=0)
     seed: int | None = None
+
+
+FaultAnswer = Callable[[str, int], web.Response]
+
+
+def default_answer(fault: str, status: int) -> web.Response:
+    messages = {"outage": "service unavailable", "throttled": "rate limited", "error": "internal error"}
+    return web.json_response({"error": messages[fault]}, status=status)
+
+
+@dataclass(frozen=True)
+class SandboxContext:
+    """What a provider's sandbox needs to know: the credentials it verifies (the same ones the
+    adapter signs with, from the same settings), where Loopcast takes its receipts, and the
+    settings themselves (home, ports)."""
+
+    scheme: str
+    credentials: Any
+    receipt_url: str
+    settings: Any
+
+    @property
+    def base_url(self) -> str:
+        """The sandbox's stand-in for the provider's API root: a channel's `url` points here."""
+        return f"{self.settings.sandbox_base}/{self.scheme}"
 
 
 @dataclass
@@ -70,17 +97,26 @@ class Sandbox:
         self._seq += 1
         return f"{self.provider}-{self._seq:010d}"
 
-    async def inject(self) -> web.Response | None:
-        """Apply configured faults; a response returned here is what the provider would answer."""
+    async def inject(self, answer: FaultAnswer | None = None) -> web.Response | None:
+        """Apply configured faults; a response returned here is what the provider would answer.
+        `answer(fault, status)` renders it in the provider's own error format."""
         if self.faults.latency_ms:
             await asyncio.sleep(self.faults.latency_ms / 1000)
+        fault = None
         if self.faults.outage:
-            return web.json_response({"error": "service unavailable"}, status=503)
-        if self.faults.throttle_rate and self.rng.random() < self.faults.throttle_rate:
-            return web.json_response({"error": "rate limited"}, status=429, headers={"Retry-After": "1"})
-        if self.faults.error_rate and self.rng.random() < self.faults.error_rate:
-            return web.json_response({"error": "internal error"}, status=500)
-        return None
+            fault, status = "outage", 503
+        elif self.faults.throttle_rate and self.rng.random() < self.faults.throttle_rate:
+            fault, status = "throttled", 429
+        elif self.faults.error_rate and self.rng.random() < self.faults.error_rate:
+            fault, status = "error", 500
+        elif self.faults.malformed_rate and self.rng.random() < self.faults.malformed_rate:
+            return web.Response(text="<html><body>502 upstream glitch</body></html>", content_type="text/html")
+        if fault is None:
+            return None
+        response = (answer or default_answer)(fault, status)
+        if fault == "throttled" and "Retry-After" not in response.headers:
+            response.headers["Retry-After"] = "1"
+        return response
 
     def record(self, body: dict[str, Any], triggered_at_ms: int | None) -> Received:
         now = time.time()

@@ -8,11 +8,13 @@ import time
 
 from aiohttp import web
 
-from connectors.channels.sandboxes.core import Received, Sandbox
+from connectors.channels.sandboxes.core import Received, Sandbox, SandboxContext
 from connectors.channels.webhook import SIGNATURE_HEADER, sign, verify
 
 
-def routes(box: Sandbox, secret: str, receipt_url: str) -> list[web.RouteDef]:
+def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
+    secret, receipt_url = ctx.credentials.secret.get_secret_value(), ctx.receipt_url
+
     async def send_receipt(item: Received, status: str) -> None:
         body = json.dumps({"id": item.provider_message_id, "status": status, "ts": int(time.time() * 1000)}).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body, int(time.time()))}
@@ -37,4 +39,4 @@ def routes(box: Sandbox, secret: str, receipt_url: str) -> list[web.RouteDef]:
         box.schedule_receipt(item, send_receipt)
         return web.json_response({"id": item.provider_message_id, "status": "accepted"})
 
-    return [web.post("/webhook/{hook:.*}", receive)]
+    return [web.post("/{hook:.*}", receive)]
