@@ -140,6 +140,13 @@ return removed
 """
 
 
+# Durable delay queues (sorted sets by release time): quiet-hours deferrals go back to the throttle,
+# provider retries back to dispatch, fallback checks fire a channel fallback if no receipt came.
+DEFERRED = "deferred"
+RETRIES = "retries"
+FALLBACK_CHECKS = "fallback-checks"
+
+
 @dataclass(frozen=True, slots=True)
 class AdmitRequest:
     """One message's policy question: may it go, given its dedup claim and every cap it counts in?"""
@@ -167,7 +174,6 @@ class PolicyStore:
         self._admit = self.redis.register_script(_ADMIT_SCRIPT)
         self._bucket = self.redis.register_script(_BUCKET_SCRIPT)
         self._drop_due = self.redis.register_script(_DROP_DUE_SCRIPT)
-        self._deferred_key = f"{prefix}deferred"
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -223,22 +229,25 @@ class PolicyStore:
         return int(granted), int(wait_ms)
 
     # Deferred messages (quiet hours) -------------------------------------------------------
-    async def defer(self, items: Sequence[tuple[int, bytes]]) -> None:
+    def queue_key(self, queue: str) -> str:
+        return f"{self.prefix}{queue}"
+
+    async def defer(self, items: Sequence[tuple[int, bytes]], queue: str = DEFERRED) -> None:
         """items: (release_at_ms, encoded message). Redis (AOF in production) keeps them across restarts.
 
         Members are the payload bytes, so deferring the same message twice keeps one entry (the later time).
         """
         if items:
-            await self.redis.zadd(self._deferred_key, {payload: release_at for release_at, payload in items})
+            await self.redis.zadd(self.queue_key(queue), {payload: release_at for release_at, payload in items})
 
-    async def due(self, now_ms: int, limit: int = 1000) -> list[bytes]:
+    async def due(self, now_ms: int, limit: int = 1000, queue: str = DEFERRED) -> list[bytes]:
         """Peek (not pop) payloads due by now_ms, earliest first: at-least-once is peek → produce → drop.
 
         Run one releasing loop per deployment (or accept duplicates, which dedup turns into 'duplicate').
         """
-        return await self.redis.zrangebyscore(self._deferred_key, "-inf", now_ms, start=0, num=limit)
+        return await self.redis.zrangebyscore(self.queue_key(queue), "-inf", now_ms, start=0, num=limit)
 
-    async def drop_due(self, payloads: Sequence[bytes], due_by_ms: int | None = None) -> None:
+    async def drop_due(self, payloads: Sequence[bytes], due_by_ms: int | None = None, queue: str = DEFERRED) -> None:
         """Remove payloads after they were safely re-produced.
 
         With due_by_ms (the now_ms given to due()), a payload deferred again meanwhile to a later time is kept.
@@ -246,12 +255,12 @@ class PolicyStore:
         if not payloads:
             return
         if due_by_ms is None:
-            await self.redis.zrem(self._deferred_key, *payloads)
+            await self.redis.zrem(self.queue_key(queue), *payloads)
         else:
-            await self._drop_due(keys=[self._deferred_key], args=[due_by_ms, *payloads])
+            await self._drop_due(keys=[self.queue_key(queue)], args=[due_by_ms, *payloads])
 
-    async def deferred_count(self) -> int:
-        return int(await self.redis.zcard(self._deferred_key))
+    async def deferred_count(self, queue: str = DEFERRED) -> int:
+        return int(await self.redis.zcard(self.queue_key(queue)))
 
     # Preferences and unsubscribes ----------------------------------------------------------
     async def preferences(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:

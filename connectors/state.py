@@ -21,6 +21,12 @@ RECEIPT_TTL_S = 7 * 24 * 3600
 SEND_CLAIM_TTL_S = 7 * 24 * 3600
 # Short links outlive the attribution window people click in.
 SHORT_LINK_TTL_S = 30 * 24 * 3600
+# A channel fallback waits this long at most for its message's fate (retries, receipt window).
+FALLBACK_TTL_S = 2 * 24 * 3600
+
+
+def fallback_key(message_id: str) -> str:
+    return f"fallback:{message_id}"
 
 
 def profile_key(user_id: str) -> str:
@@ -101,6 +107,24 @@ class State:
         results = await pipe.execute()
         # Ours if we just took it, or took it earlier in this process (a batch retried after a blip).
         return [bool(took) or held == self.owner for took, held in zip(results[::2], results[1::2], strict=True)]
+
+    # Channel fallbacks -------------------------------------------------------------------------
+    async def stash_fallbacks(self, fallbacks: Sequence[tuple[str, bytes]], ttl_s: int = FALLBACK_TTL_S) -> None:
+        """(message id, the next channel's matched message, encoded), kept until the message's fate is known."""
+        if fallbacks:
+            pipe = self.redis.pipeline(transaction=False)
+            for message_id, encoded in fallbacks:
+                pipe.set(fallback_key(message_id), encoded, ex=ttl_s)
+            await pipe.execute()
+
+    async def take_fallback(self, message_id: str) -> bytes | None:
+        """The stashed fallback, removed as it is read (GETDEL): of a failure, an undelivered receipt
+        and an expired receipt window racing, exactly one gets it."""
+        return await self.redis.getdel(fallback_key(message_id))
+
+    async def drop_fallbacks(self, message_ids: Sequence[str]) -> None:
+        if message_ids:
+            await self.redis.delete(*(fallback_key(m) for m in message_ids))
 
     # Attribution and receipts --------------------------------------------------------------
     async def record_sends(self, sends: Sequence[tuple[str, Touch, str | None, str | None]]) -> None:

@@ -762,7 +762,9 @@ class EmbeddedWarehouse(_SqlEngine):
             inserter = conn.send_insert(f"INSERT INTO {target} ({columns})", "ArrowStream")
             try:
                 inserter.append(payload)
-                return int(inserter.finish().rows_written)
+                inserter.finish()
+                # Not the engine's rows_written: that also counts what materialized views wrote.
+                return arrow.num_rows
             except Exception:
                 try:
                     inserter.cancel()
@@ -1059,7 +1061,7 @@ def migrate(warehouse: Warehouse, migrations: Sequence[Migration] | None = None)
 
 OUTCOME_COLUMNS = (
     "message_id", "campaign_id", "user_id", "channel", "code", "stage", "reason", "provider",
-    "provider_message_id", "triggered_at", "occurred_at", "variant",
+    "provider_message_id", "triggered_at", "occurred_at", "variant", "attempt", "fallback_of",
 )  # fmt: skip
 DEAD_LETTER_COLUMNS = (
     "stage", "topic", "partition", "offset", "reason", "error_type", "key", "original", "occurred_at",

@@ -85,7 +85,9 @@ def stack_status() -> None:
 
 @app.command()
 def worker(
-    stages: Annotated[str, typer.Option(help="Comma-separated stage families; default all.")] = "",
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated stage families or names; default LOOPCAST_STAGES, else all.")
+    ] = "",
     loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug")] = "warn",
 ) -> None:
     """Run the stages as a Faust worker in the foreground."""
@@ -93,19 +95,78 @@ def worker(
     from streams.topology import select
 
     try:
-        chosen = select([s.strip() for s in stages.split(",") if s.strip()] or None)
+        settings = Settings()
+        chosen = select([s.strip() for s in (stages or settings.stages).split(",") if s.strip()] or None)
     except ValueError as exc:
         raise fail(str(exc)) from None
     sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
-    run_worker(Settings(), chosen, loglevel)
+    run_worker(settings, chosen, loglevel)
 
 
-@app.command()
-def sandbox() -> None:
+sandbox_app = typer.Typer(help="Provider sandboxes on loopback, for trying channels by hand.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+channels_app = typer.Typer(help="The channel providers Loopcast can send through.", no_args_is_help=True)
+app.add_typer(channels_app, name="channels")
+
+
+@sandbox_app.command("up")
+def sandbox_up() -> None:
+    """Start every provider's sandbox in the background; a channel's url of <base>/<scheme> points at one."""
+    from connectors.channels.base import REGISTRY
+    from console.services import stack
+
+    settings = Settings()
+    stack(settings, progress=lambda line: console.print(f"[dim]{line}[/]")).up(["sandbox"])
+    console.print(f"sandboxes for {len(REGISTRY)} providers at [bold]{settings.sandbox_base}/<scheme>[/]")
+    console.print(f"inspect what arrived: {settings.sandbox_base}/_sandbox/<scheme>/requests")
+
+
+@sandbox_app.command("down")
+def sandbox_down() -> None:
+    from console.services import stack
+
+    stack(Settings()).stop(["sandbox"])
+
+
+@sandbox_app.command("serve")
+def sandbox_serve() -> None:
     """Serve the provider sandboxes in the foreground."""
     from connectors.channels.sandboxes import main
 
     main()
+
+
+@channels_app.command("list")
+def channels_list(fmt: Annotated[Format, typer.Option("--format")] = Format.table) -> None:
+    """Every registered provider: its channel kind, limits, and whether it returns ids and receipts."""
+    from connectors.channels.base import REGISTRY, adapter_class
+
+    rows = []
+    for scheme in sorted(REGISTRY):
+        cls = adapter_class(scheme)
+        rows.append(
+            {
+                "scheme": scheme,
+                "channel_kind": cls.channel_kind,
+                "limits": cls.limits.model_dump(exclude_none=True),
+                "returns_provider_ids": cls.returns_provider_ids,
+                "sends_receipts": cls.sends_receipts,
+                "credentials": sorted(cls.Credentials.model_fields),
+            }
+        )
+    if fmt is Format.json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} channel providers")
+    for column in ("scheme", "kind", "limits", "ids", "receipts"):
+        table.add_column(column)
+    for row in rows:
+        limits = ", ".join(f"{k}={v:g}" for k, v in row["limits"].items())
+        table.add_row(
+            row["scheme"], row["channel_kind"], limits, "yes" if row["returns_provider_ids"] else "—",
+            "yes" if row["sends_receipts"] else "—",
+        )  # fmt: skip
+    console.print(table)
 
 
 def _load_documents(path: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import Event, Outcome, OutcomeCode
+from streams.dispatch import fall_back
 from streams.links import LinkClaims, read_token, read_unsubscribe_token
 from streams.policy import Category, Preferences, apply_unsubscribe, unsubscribe_keyword
 
@@ -167,6 +168,7 @@ class Endpoints:
                 triggered_at=datetime.fromisoformat(target["triggered_at"]),
             )
             await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
+            await self.settle_fallback(outcome.message_id, receipt.delivered)
         if unknown:
             # A receipt can overtake our record of the send; a 404 makes the provider retry,
             # as SMS gateways and push services do for any non-2xx answer.
@@ -174,6 +176,16 @@ class Endpoints:
             return web.json_response({"ok": False, "reason": "unknown message id"}, status=404)
         status, body, content_type = cls.receipt_answer()
         return web.Response(status=status, text=body, content_type=content_type)
+
+    async def settle_fallback(self, message_id: str, delivered: bool) -> None:
+        """A delivered message needs no fallback channel; an undelivered one starts it."""
+        if delivered:
+            await self.state.drop_fallbacks([message_id])
+            return
+        following: list[tuple[str, str, object]] = []
+        await fall_back(self.state, lambda topic, key, value: following.append((topic, key, value)), message_id)
+        for topic, key, value in following:
+            await self.publish(topic, key, value)
 
     async def ingest(self, request: web.Request) -> web.Response:
         """POST one event or a list of events as JSON; invalid ones are refused with reasons."""

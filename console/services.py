@@ -10,6 +10,7 @@ import httpx
 
 from infra.settings import Settings
 from infra.stack import Stack
+from streams.topology import URGENT_LANE
 
 INFRA = ("kafka", "redis")
 
@@ -41,4 +42,24 @@ def stack(
         env=worker_env,
         timeout_s=90,
     )
+    # The urgent lane, when a deployment splits it off: its own process and consumer group, while
+    # "worker" then runs the bulk lane (start it with worker_env {"LOOPCAST_STAGES": BULK_LANE}).
+    lane = settings.model_copy(update={"app_id": f"{settings.app_id}-urgent"})
+    s.register(
+        "worker-urgent",
+        [sys.executable, "-m", "console", "worker"],
+        health=lambda: _owns_partitions(lane),
+        env={
+            **(worker_env or {}),
+            "LOOPCAST_APP_ID": lane.app_id,
+            "LOOPCAST_STAGES": ",".join(URGENT_LANE),
+        },
+        timeout_s=90,
+    )
     return s
+
+
+def _owns_partitions(settings: Settings) -> bool:
+    from streams.app import ready_file
+
+    return ready_file(settings).exists()

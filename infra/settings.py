@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = None
 
     app_id: str = "loopcast"
+    # The stages this worker runs (comma-separated families or names); empty: all of them.
+    stages: str = ""
     partitions: int = 4
     batch_size: int = 500
     # How long a stage waits to fill a batch: the latency floor per stage at low traffic.

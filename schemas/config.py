@@ -59,6 +59,10 @@ class Campaign(Document):
     trigger: Trigger
     audience: Audience = Field(default_factory=Audience)
     channel: str
+    # Channel failover, in order (e.g. push → sms): the next is tried once when a message fails, is
+    # reported undelivered, gets no receipt within fallback_after_s, or the user has no address.
+    fallback_channels: list[str] = Field(default_factory=list, max_length=4)
+    fallback_after_s: float | None = Field(default=None, gt=0)
     # One template, or 2–5 variants of which the experiment picks a winner.
     template_id: str | None = None
     variants: list[CampaignVariant] = Field(default_factory=list, max_length=5)
@@ -83,8 +87,19 @@ class Campaign(Document):
     conversion_event: str | None = None
     attribution_window_hours: int = Field(default=72, ge=1)
 
+    @property
+    def channels(self) -> list[str]:
+        """The channel, then its fallbacks: the order failover walks."""
+        return [self.channel, *self.fallback_channels]
+
+    def next_channel(self, channel: str) -> str | None:
+        order = self.channels
+        return order[order.index(channel) + 1] if channel in order and order.index(channel) + 1 < len(order) else None
+
     @model_validator(mode="after")
     def _copy_is_declared(self) -> Campaign:
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"channels repeat in {self.channels}: each is tried once")
         if bool(self.template_id) == bool(self.variants):
             raise ValueError("a campaign has either template_id or variants (2 to 5), not both or neither")
         if self.variants:
@@ -134,6 +149,16 @@ class Template(Document):
         return self
 
 
+class ProviderRoute(BaseModel):
+    """One provider behind a channel; several with weights share the traffic and back each other up."""
+
+    model_config = ConfigDict(extra="forbid")
+    provider: str
+    url: HttpUrl | None = None
+    options: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(default=1.0, ge=0)
+
+
 class Channel(Document):
     kind: Literal[ConfigKind.channel] = ConfigKind.channel
     provider: str = Field(description="A scheme from the channel registry, e.g. 'webhook'.")
@@ -143,6 +168,8 @@ class Channel(Document):
     # The provider's non-secret settings: sender number, SMS sign name and template code, FCM
     # project id, APNs topic, Slack channel … each adapter documents the keys it reads.
     options: dict[str, str] = Field(default_factory=dict)
+    # Several providers (failover and weighted sharing); empty: just `provider` above.
+    providers: list[ProviderRoute] = Field(default_factory=list, max_length=8)
     timeout_s: float = Field(default=5.0, gt=0)
     # The profile field holding the user's address on this channel.
     address_field: str = "user_id"
@@ -153,6 +180,21 @@ class Channel(Document):
     # Shown as the SMS signature (【Brand】 on Chinese SMS) and similar.
     brand: str | None = None
     unsubscribe_url: str | None = None
+
+    def routes(self) -> list[ProviderRoute]:
+        """Every provider of the channel, the first being `provider` itself unless routes are listed."""
+        return self.providers or [ProviderRoute(provider=self.provider, url=self.url, options=self.options)]
+
+    def for_route(self, index: int) -> Channel:
+        """This channel as seen by one of its providers (its url and options over the channel's)."""
+        route = self.routes()[index]
+        return self.model_copy(
+            update={
+                "provider": route.provider,
+                "url": route.url or self.url,
+                "options": {**self.options, **route.options},
+            }
+        )
 
     @model_validator(mode="after")
     def _known_format(self) -> Channel:

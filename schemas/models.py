@@ -55,6 +55,8 @@ class OutcomeCode(StrEnum):
     converted = "converted"
     # Before a terminal code: held until quiet hours end; the real outcome follows.
     deferred = "deferred"
+    # Before a terminal code: an attempt at a provider failed and another follows (same or other provider).
+    retrying = "retrying"
 
     @property
     def terminal(self) -> bool:
@@ -106,6 +108,7 @@ class MatchedMessage(Record):
     triggered_at: Timestamp
     properties: Properties = Field(default_factory=dict)
     variant: str | None = None
+    fallback_of: str | None = None
 
 
 class RenderedMessage(Record):
@@ -123,6 +126,9 @@ class RenderedMessage(Record):
     html: str | None = None
     image_url: str | None = None
     extra: str | None = None
+    attempt: int = 1
+    failed_providers: list[str] = Field(default_factory=list)
+    fallback_of: str | None = None
 
 
 class Outcome(Record):
@@ -138,6 +144,8 @@ class Outcome(Record):
     triggered_at: Timestamp
     occurred_at: Timestamp = Field(default_factory=now_utc)
     variant: str | None = None
+    attempt: int | None = None
+    fallback_of: str | None = None
 
     @classmethod
     def of(
@@ -159,6 +167,7 @@ class Outcome(Record):
             reason=reason,
             triggered_at=message.triggered_at,
             variant=message.variant,
+            fallback_of=message.fallback_of,
             **extra,
         )
 

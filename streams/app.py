@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import faust
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,7 +85,19 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
         pause=lambda: app.consumer.pause_partitions(lower_partitions()),
         resume=lambda: app.consumer.resume_partitions(lower_partitions()),
     )
+
+    @app.on_partitions_assigned.connect
+    async def announce(sender, *args, **kwargs) -> None:
+        # A worker without an HTTP port says it is serving by a file: config read, partitions owned.
+        await runtime.wait_ready()
+        ready_file(settings).parent.mkdir(parents=True, exist_ok=True)
+        ready_file(settings).write_text(str(os.getpid()))
+
     return app, runtime
+
+
+def ready_file(settings: Settings) -> Path:
+    return settings.run_dir / f"{settings.app_id}.ready"
 
 
 def _wire(app: faust.App, rt: Runtime, spec: StageSpec, settings: Settings) -> None:
@@ -162,6 +176,7 @@ def run_worker(settings: Settings, stages: list[StageSpec], loglevel: str = "inf
 
     # Topics come with their declared partitions and retention before Faust would make defaults.
     ensure_topics(settings)
+    ready_file(settings).unlink(missing_ok=True)  # a previous run's
     app, runtime = build(settings, stages)
     worker = faust.Worker(app, runtime, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

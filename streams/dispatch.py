@@ -1,4 +1,10 @@
-"""Dispatch: hand a rendered message to its channel's provider; the result becomes an outcome."""
+"""Dispatch: hand a rendered message to one of its channel's providers; the result becomes an outcome.
+
+A retryable failure is tried again on another healthy provider at once, or later through the
+durable retry queue (the partition never waits on a backoff); after the last attempt, or a
+failure no retry can fix, the message has failed and its campaign's next channel takes over.
+Every attempt is an outcome (`retrying`, then `sent` or `failed`), so ClickHouse shows them all.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +12,46 @@ import asyncio
 import time
 
 from connectors.channels.base import DeliveryResult, DeliveryStatus
+from connectors.policy_store import FALLBACK_CHECKS, RETRIES
+from infra import topics
 from schemas.config import Channel
-from schemas.models import Outcome, OutcomeCode, RenderedMessage
+from schemas.contracts import codec, encode
+from schemas.models import MatchedMessage, Outcome, OutcomeCode, RenderedMessage
+from streams.failover import MAX_ATTEMPTS, backoff_s
 from streams.match import Touch
 
-MAX_ATTEMPTS = 3
-BACKOFF_BASE_S = 0.2
+matched = codec(MatchedMessage)
 
 
-def backoff_s(attempt: int) -> float:
-    """Exponential: 0.2 s, 0.4 s, … between attempts of a retryable failure."""
-    return BACKOFF_BASE_S * (2 ** (attempt - 1))
+def claim_id(message: RenderedMessage) -> str:
+    """What the send claim is taken on: each attempt is claimed once, so a redelivered record of
+    an attempt is never sent twice while a scheduled retry still gets its own go."""
+    return message.message_id if message.attempt == 1 else f"{message.message_id}#{message.attempt}"
 
 
-def outcome_for(message: RenderedMessage, provider: str, result: DeliveryResult, attempts: int) -> Outcome:
-    accepted = result.status is DeliveryStatus.accepted
+def route_key(channel: Channel, index: int) -> str:
+    return f"{channel.id}/{index}:{channel.routes()[index].provider}"
+
+
+def outcome_for(message: RenderedMessage, provider: str, result: DeliveryResult, attempt: int) -> Outcome:
+    if result.status is DeliveryStatus.accepted:
+        code, reason = OutcomeCode.sent, None
+    else:
+        code = OutcomeCode.retrying if result.retryable and attempt < MAX_ATTEMPTS else OutcomeCode.failed
+        reason = f"{result.error_code} at attempt {attempt}: {(result.raw or '')[:200]}"
     return Outcome.of(
         message,
-        OutcomeCode.sent if accepted else OutcomeCode.failed,
+        code,
         "dispatch",
-        None if accepted else f"{result.error_code} after {attempts} attempt(s): {(result.raw or '')[:200]}",
+        reason,
         provider=provider,
         provider_message_id=result.provider_message_id,
+        attempt=attempt,
     )
 
 
-def failed_without_provider(message: RenderedMessage, reason: str) -> Outcome:
-    return Outcome.of(message, OutcomeCode.failed, "dispatch", reason)
+def failed_without_provider(message: RenderedMessage, reason: str, attempt: int | None = None) -> Outcome:
+    return Outcome.of(message, OutcomeCode.failed, "dispatch", reason, attempt=attempt)
 
 
 def touch_of(outcome: Outcome) -> Touch:
@@ -58,43 +77,121 @@ async def wait_for_token(rt, channel: Channel) -> None:
         await asyncio.sleep(wait_ms / 1000)  # the bucket says when the next token exists
 
 
-async def deliver(rt, message: RenderedMessage) -> Outcome:
+async def fall_back(state, send, message_id: str) -> bool:
+    """Start the campaign's next channel for a message that will not arrive, if it has one.
+    `send(topic, key, value)` publishes; the stash is taken atomically, so this happens once."""
+    raw = await state.take_fallback(message_id)
+    if raw is None:
+        return False
+    following = matched.decode(raw)
+    send(topics.MATCHED.name, following.user_id, following)
+    return True
+
+
+async def settle(rt, out, message: RenderedMessage, outcome: Outcome, sends_receipts: bool) -> None:
+    """After a final outcome: a failure falls back to the next channel; a send either waits for its
+    receipt (the campaign's window) or is final."""
+    campaign = rt.config.campaign(message.campaign_id)
+    if campaign is None or campaign.next_channel(message.channel) is None:
+        return
+    if outcome.code is OutcomeCode.failed:
+        await fall_back(rt.user_state, out.send, message.message_id)
+    elif campaign.fallback_after_s and sends_receipts:
+        due_ms = int((time.time() + campaign.fallback_after_s) * 1000)
+        await rt.policy.defer([(due_ms, message.message_id.encode())], queue=FALLBACK_CHECKS)
+    else:
+        await rt.user_state.drop_fallbacks([message.message_id])
+
+
+async def schedule_retry(rt, message: RenderedMessage, attempt: int, failed: set[str], wait_s: float) -> None:
+    """Back through dispatch later, durably (Redis, like quiet-hours deferrals), with what it learnt."""
+    retry = message.model_copy(update={"attempt": attempt, "failed_providers": sorted(failed)})
+    await rt.policy.defer([(int((time.time() + wait_s) * 1000), encode(retry))], queue=RETRIES)
+
+
+async def deliver(rt, out, message: RenderedMessage) -> None:
+    claim = claim_id(message)
     # Handed over already by this process (a batch retried after a blip): the same outcome, no resend.
-    if (done := rt.handed_over.get(message.message_id)) is not None:
-        return done
-    try:
-        adapter = rt.adapter(message.channel)
-    except (LookupError, ValueError) as exc:
-        return failed_without_provider(message, str(exc))
-    attempt = 1
+    if (done := rt.handed_over.get(claim)) is not None:
+        out.outcome(done)
+        return
+    channel = rt.config.channel(message.channel)
+    if channel is None:
+        outcome = failed_without_provider(message, f"channel {message.channel!r} not configured")
+        out.outcome(outcome)
+        await settle(rt, out, message, outcome, False)
+        return
+    keys = [route_key(channel, i) for i in range(len(channel.routes()))]
+    weights = [r.weight for r in channel.routes()]
+    failed = set(message.failed_providers) & set(keys)
+    attempt, retry_after, tried = message.attempt, None, False
     while True:
+        if failed >= set(keys):
+            failed = set()  # every provider failed it once: all may try again, after a pause
+            index = None
+        else:
+            index = rt.routes.choose(keys, weights, message.message_id, failed, time.monotonic())
+        if index is None:
+            if not tried:
+                # No provider to try at all (every breaker open): the pass counts as an attempt, so
+                # even an outage of every provider ends in `failed` after MAX_ATTEMPTS passes.
+                if attempt >= MAX_ATTEMPTS:
+                    outcome = failed_without_provider(message, f"no healthy provider after {attempt} attempts", attempt)
+                    rt.handed_over.remember(claim, outcome)
+                    out.outcome(outcome)
+                    await settle(rt, out, message, outcome, False)
+                    return
+                attempt += 1
+            wait_s = backoff_s(attempt - 1, retry_after)
+            await schedule_retry(rt, message, attempt, failed, wait_s)
+            pending = Outcome.of(
+                message, OutcomeCode.retrying, "dispatch", f"attempt {attempt} in {wait_s:.1f} s", attempt=attempt - 1
+            )
+            rt.handed_over.remember(claim, pending)
+            if not tried:
+                out.outcome(pending)  # after a send, that send's own `retrying` outcome already says it
+            return
+        try:
+            adapter = rt.adapter(channel.id, index)
+        except (LookupError, ValueError) as exc:
+            outcome = failed_without_provider(message, str(exc), attempt)
+            out.outcome(outcome)
+            await settle(rt, out, message, outcome, False)
+            return
         if adapter.channel.rate_per_s:
             await wait_for_token(rt, adapter.channel)
         result = await adapter.send(message)
-        if result.status is DeliveryStatus.accepted or not result.retryable or attempt >= MAX_ATTEMPTS:
-            outcome = outcome_for(message, adapter.scheme, result, attempt)
-            rt.handed_over.remember(message.message_id, outcome)
+        tried = True
+        # A provider that answers "no" to one message is healthy; only retryable failures count against it.
+        rt.routes.record(
+            keys[index], result.status is DeliveryStatus.accepted or not result.retryable, time.monotonic()
+        )
+        outcome = outcome_for(message, adapter.scheme, result, attempt)
+        out.outcome(outcome)
+        if outcome.code is not OutcomeCode.retrying:
+            rt.handed_over.remember(claim, outcome)
             if outcome.code is OutcomeCode.sent:
                 # Right away, not at the end of the batch: a provider's receipt can come back
                 # within milliseconds and must find its message.
                 await rt.user_state.record_sends(
                     [(outcome.user_id, touch_of(outcome), outcome.provider, outcome.provider_message_id)]
                 )
-            return outcome
-        await asyncio.sleep(backoff_s(attempt))
+            await settle(rt, out, message, outcome, adapter.sends_receipts)
+            return
+        failed.add(keys[index])
         attempt += 1
+        retry_after = result.retry_after_s
 
 
 async def handle(rt, out, messages: list[RenderedMessage]) -> None:
-    async def bounded(message: RenderedMessage) -> Outcome:
+    async def bounded(message: RenderedMessage) -> None:
         # One provider slot per send, urgent tiers first (streams.priority).
         async with rt.gate.slot(message.priority.value):
-            return await deliver(rt, message)
+            await deliver(rt, out, message)
 
-    claims = await rt.user_state.claim_sends([m.message_id for m in messages])
+    claims = await rt.user_state.claim_sends([claim_id(m) for m in messages])
     fresh = [m for m, claimed in zip(messages, claims, strict=True) if claimed]
     for message, claimed in zip(messages, claims, strict=True):
         if not claimed:
             out.outcome(Outcome.of(message, OutcomeCode.deduplicated, "dispatch", "already handed to the provider"))
-    for outcome in await asyncio.gather(*(bounded(m) for m in fresh)):
-        out.outcome(outcome)
+    await asyncio.gather(*(bounded(m) for m in fresh))

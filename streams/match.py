@@ -41,6 +41,21 @@ def match_event(event: Event, campaigns: list[Campaign]) -> list[MatchedMessage]
     ]
 
 
+def fallback_message(message: MatchedMessage, campaign: Campaign) -> MatchedMessage | None:
+    """The same trigger on the campaign's next channel, or None after the last. Its id is
+    deterministic like any message's, so however many times the fallback fires, one message results."""
+    following = campaign.next_channel(message.channel)
+    if following is None:
+        return None
+    return message.model_copy(
+        update={
+            "channel": following,
+            "message_id": message_id(campaign.id, message.user_id, message.event_id, following),
+            "fallback_of": message.fallback_of or message.message_id,
+        }
+    )
+
+
 class Touch(BaseModel):
     """The last message a campaign sent to a user: what a later conversion is credited to."""
 

@@ -23,6 +23,7 @@ from streams.copy.channels import RULES, AdaptationError, Content, adapt
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compiled
 from streams.copy.variants import Variant, assign
 from streams.links import LinkClaims, short_code, short_url, tracked_url, unsubscribe_token
+from streams.match import fallback_message
 
 WAIT = "wait"  # a test-then-winner user outside the test share: held until the winner is known
 
@@ -154,6 +155,7 @@ def render_message(
         body=adapted.body,
         link=adapted.link,
         variant=message.variant,
+        fallback_of=message.fallback_of,
         html=adapted.html,
         image_url=adapted.image_url,
         extra=json.dumps(adapted.extra, ensure_ascii=False, default=str) if adapted.extra else None,
@@ -186,6 +188,7 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
     profiles = await rt.user_state.profiles([m.user_id for m in messages])
     held: dict[str, list[bytes]] = defaultdict(list)
     short_links = ShortLinks()
+    fallbacks: list[tuple[str, bytes]] = []
     if any(m.priority is Priority.high for m in messages):
         rt.gate.note_urgent()
     for message, profile in zip(messages, profiles, strict=True):
@@ -201,10 +204,16 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
         result = render_message(
             message, profile, campaign, template, rt.config.channel(message.channel), rt.render_settings, short_links
         )
+        following = fallback_message(message, campaign) if campaign is not None else None
         if isinstance(result, Outcome):
             out.outcome(result)
+            if following is not None:  # no address, or the content cannot go on this channel: next one
+                out.send(topics.MATCHED.name, following.user_id, following)
         else:
             out.send(topics.RENDERED.name, result.user_id, result)
+            if following is not None:
+                fallbacks.append((message.message_id, encode(following)))
+    await rt.user_state.stash_fallbacks(fallbacks)
     await rt.user_state.put_short_links(short_links.issued)
     for campaign_id, waiting in held.items():
         await rt.user_state.hold(campaign_id, waiting)

@@ -21,6 +21,7 @@ from infra.settings import Settings
 from schemas.contracts import encode
 from schemas.models import DeadLetter, Outcome, Record
 from streams.config_store import ConfigStore
+from streams.failover import Routes
 from streams.priority import PriorityGate
 from streams.throttle import parse_quiet_hours
 
@@ -138,7 +139,9 @@ class Runtime(mode.Service):
         self.warehouse = None
         self.owns_warehouse = owns_warehouse
         self.serve_http = serve_http
-        self._adapters: dict[str, ChannelAdapter] = {}
+        self._adapters: dict[tuple[str, int], ChannelAdapter] = {}
+        # Provider health per route (circuit breakers), shared by every dispatch tier of this worker.
+        self.routes = Routes()
         self._http_runner = None
         self._loops: list[asyncio.Task] = []
         self.producer: AIOKafkaProducer | None = None
@@ -181,17 +184,19 @@ class Runtime(mode.Service):
         await self.opened.wait()
         await self.follower.ready.wait()
 
-    def adapter(self, channel_id: str) -> ChannelAdapter:
-        """One adapter per channel, built on first use, rebuilt when the channel's config changes."""
+    def adapter(self, channel_id: str, route: int = 0) -> ChannelAdapter:
+        """One adapter per provider route of a channel, built on first use, rebuilt when the
+        channel's config changes."""
         channel = self.config.channel(channel_id)
         if channel is None:
             raise LookupError(f"channel {channel_id!r} not configured")
-        cached = self._adapters.get(channel_id)
+        channel = channel.for_route(route)
+        cached = self._adapters.get((channel_id, route))
         if cached is not None and cached.channel == channel:
             return cached
         cls = adapter_class(channel.provider)
         adapter = cls(channel, cls.credentials_from(self.settings))
-        self._adapters[channel_id] = adapter
+        self._adapters[(channel_id, route)] = adapter
         if cached is not None:
             asyncio.ensure_future(cached.close())
         return adapter

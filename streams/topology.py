@@ -45,10 +45,17 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 FAMILIES = ("match", "render", "throttle", "dispatch", "feedback")
 
 
-def select(families: list[str] | None) -> list[StageSpec]:
-    if not families:
+def select(names: list[str] | None) -> list[StageSpec]:
+    """Stages by family ("dispatch") or by name ("dispatch.high"), in loop order."""
+    if not names:
         return list(STAGES)
-    unknown = set(families) - set(FAMILIES)
+    unknown = set(names) - set(FAMILIES) - set(STAGE_NAMES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {FAMILIES}")
-    return [s for s in STAGES if s.name.split(".")[0] in families]
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {FAMILIES + STAGE_NAMES}")
+    return [s for s in STAGES if s.name in names or s.name.split(".")[0] in names]
+
+
+# The urgent lane: a deployment may run these in a worker of their own (`loopcast stack up
+# --urgent-lane`), so urgent messages never share a CPU with a marketing backlog's follow-up work.
+URGENT_LANE = ("match", "render", "throttle", "dispatch.high")
+BULK_LANE = ("dispatch.normal", "dispatch.low", "feedback")

@@ -109,6 +109,8 @@ def _py_type(avro_type, named: dict) -> object:
             return ("enum", tuple(avro_type["symbols"]))
         if avro_type["type"] == "map":
             return ("map", _py_type(avro_type["values"], named))
+        if avro_type["type"] == "array":
+            return ("array", _py_type(avro_type["items"], named))
         return _py_type(avro_type["type"], named)
     if avro_type == "null":
         return type(None)
@@ -126,6 +128,8 @@ def _model_type(annotation) -> object:
         return tuple(sorted(str(_model_type(a)) for a in typing.get_args(annotation)))
     if origin is dict:
         return ("map", _model_type(typing.get_args(annotation)[1]))
+    if origin is list:
+        return ("array", _model_type(typing.get_args(annotation)[0]))
     if isinstance(annotation, type) and issubclass(annotation, models.StrEnum):
         return ("enum", tuple(m.value for m in annotation))
     return annotation

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time
 
 import pytest
 
@@ -9,7 +9,7 @@ from connectors.policy_store import AdmitRequest
 from infra import topics
 from schemas.config import Campaign, Trigger
 from schemas.models import OutcomeCode, Priority, RenderedMessage
-from streams.dispatch import backoff_s, outcome_for
+from streams.dispatch import claim_id, outcome_for
 from streams.policy import Category, Preferences, QuietHours
 from streams.throttle import dispatch_topic, judge, parse_quiet_hours
 
@@ -114,18 +114,21 @@ def test_parse_quiet_hours() -> None:
 
 # (result, expected code)
 RESULTS = [
-    (DeliveryResult(status=DeliveryStatus.accepted, provider_message_id="p1"), OutcomeCode.sent),
-    (DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="http_503"), OutcomeCode.failed),
+    (DeliveryResult(status=DeliveryStatus.accepted, provider_message_id="p1"), 1, OutcomeCode.sent),
+    (DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="http_503"), 1, OutcomeCode.retrying),
+    (DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code="http_503"), 5, OutcomeCode.failed),
+    (DeliveryResult(status=DeliveryStatus.failed, retryable=False, error_code="http_401"), 1, OutcomeCode.failed),
 ]
 
 
-@pytest.mark.parametrize(("result", "code"), RESULTS)
-def test_outcome_for(result, code) -> None:
-    outcome = outcome_for(rendered(), "webhook", result, attempts=3)
-    assert outcome.code is code and outcome.provider == "webhook"
+@pytest.mark.parametrize(("result", "attempt", "code"), RESULTS)
+def test_outcome_for(result, attempt, code) -> None:
+    outcome = outcome_for(rendered(), "webhook", result, attempt)
+    assert outcome.code is code and outcome.provider == "webhook" and outcome.attempt == attempt
     assert (outcome.reason is None) == (code is OutcomeCode.sent)
 
 
-def test_backoff_grows() -> None:
-    assert [backoff_s(a) for a in (1, 2, 3)] == [0.2, 0.4, 0.8]
-    assert timedelta(0) < timedelta(seconds=backoff_s(1))
+def test_each_attempt_is_claimed_once() -> None:
+    first = rendered()
+    assert claim_id(first) == "m"
+    assert claim_id(first.model_copy(update={"attempt": 3})) == "m#3"

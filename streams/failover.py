@@ -1,0 +1,112 @@
+"""Which provider gets a message, and when a failed one is tried again: weighted provider routes,
+a circuit breaker per route, and exponential backoff with jitter. Pure: the dispatch stage keeps
+one `Routes` per worker and feeds it results.
+
+A route that keeps failing is skipped until it recovers (open for `open_s`, then one probe), so
+an outage moves traffic to the backup in well under a second at any real send rate; a message
+that failed on one route is retried on another at once when one is healthy, else later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+MAX_ATTEMPTS = 5
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+
+
+def backoff_s(attempt: int, retry_after_s: float | None = None, rng: random.Random | None = None) -> float:
+    """Delay before attempt `attempt + 1`: exponential with jitter (0.5–1×), never below the provider's
+    Retry-After. Jitter spreads a burst of failures so the retries do not arrive as a burst."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    delay = ceiling * (0.5 + 0.5 * (rng or random).random())
+    return max(delay, retry_after_s or 0.0)
+
+
+@dataclass
+class Breaker:
+    """Closed → open when at least `min_calls` of the last `window_s` failed at `failure_ratio`;
+    open → half-open after `open_s` (one probe); the probe's result closes or re-opens it."""
+
+    window_s: float = 10.0
+    min_calls: int = 5
+    failure_ratio: float = 0.5
+    open_s: float = 2.0
+    calls: deque[tuple[float, bool]] = field(default_factory=deque)
+    opened_at: float | None = None
+    # Half-open: when the one probe was let through (a probe that never reports expires after open_s).
+    probe_at: float | None = None
+
+    def available(self, now: float) -> bool:
+        if self.opened_at is None:
+            return True
+        if now - self.opened_at < self.open_s:
+            return False
+        return self.probe_at is None or now - self.probe_at >= self.open_s
+
+    def chosen(self, now: float) -> None:
+        if self.opened_at is not None:
+            self.probe_at = now
+
+    def record(self, ok: bool, now: float) -> None:
+        if self.opened_at is not None:
+            if self.probe_at is not None:
+                self.probe_at = None
+                self.opened_at = None if ok else now
+                self.calls.clear()
+            return
+        self.calls.append((now, ok))
+        while self.calls and now - self.calls[0][0] > self.window_s:
+            self.calls.popleft()
+        failures = sum(1 for _, good in self.calls if not good)
+        if len(self.calls) >= self.min_calls and failures >= self.failure_ratio * len(self.calls):
+            self.opened_at = now
+
+    @property
+    def state(self) -> str:
+        return "closed" if self.opened_at is None else "half-open" if self.probe_at is not None else "open"
+
+
+class Routes:
+    """Breakers by route key ("<channel>/<index>:<provider>"), and the choice of route per message."""
+
+    def __init__(self, **breaker: float) -> None:
+        self.breaker_settings = breaker
+        self.breakers: dict[str, Breaker] = {}
+
+    def breaker(self, key: str) -> Breaker:
+        found = self.breakers.get(key)
+        if found is None:
+            found = self.breakers[key] = Breaker(**self.breaker_settings)
+        return found
+
+    def choose(
+        self, keys: list[str], weights: list[float], message_id: str, skip: set[str] | frozenset[str], now: float
+    ) -> int | None:
+        """The route for this message: weighted, stable per message (its retries and a redelivery
+        land on the same choice), among healthy routes it has not failed on. None: no route now."""
+        candidates = [
+            i for i, key in enumerate(keys) if key not in skip and weights[i] > 0 and self.breaker(key).available(now)
+        ]
+        if not candidates:
+            return None
+        total = sum(weights[i] for i in candidates)
+        point = int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest()) / 2**64 * total
+        chosen = candidates[-1]
+        for i in candidates:
+            point -= weights[i]
+            if point < 0:
+                chosen = i
+                break
+        self.breaker(keys[chosen]).chosen(now)
+        return chosen
+
+    def record(self, key: str, ok: bool, now: float) -> None:
+        self.breaker(key).record(ok, now)
+
+    def states(self) -> dict[str, str]:
+        return {key: b.state for key, b in self.breakers.items()}
