@@ -164,6 +164,28 @@ class ChannelAdapter(abc.ABC):
 # scheme -> "module:Class"; imported on first use so a provider's SDK loads only when configured.
 REGISTRY: dict[str, str] = {
     "webhook": "connectors.channels.webhook:WebhookAdapter",
+    "inbox": "connectors.channels.inbox:InboxAdapter",
+    "xiaomi-push": "connectors.channels.xiaomi_push:XiaomiPushAdapter",
+    "apprise": "connectors.channels.apprise_adapter:AppriseAdapter",
+    "huawei-push": "connectors.channels.huawei_push:HuaweiPushAdapter",
+    "ses": "connectors.channels.ses:SesAdapter",
+    "webpush": "connectors.channels.webpush:WebPushAdapter",
+    "sendgrid": "connectors.channels.sendgrid:SendgridAdapter",
+    "wecom-app": "connectors.channels.wecom_app:WecomAppAdapter",
+    "wecom-bot": "connectors.channels.wecom_bot:WecomBotAdapter",
+    "dingtalk": "connectors.channels.dingtalk:DingtalkAdapter",
+    "feishu": "connectors.channels.feishu:FeishuAdapter",
+    "slack-webhook": "connectors.channels.slack_webhook:SlackWebhookAdapter",
+    "slack": "connectors.channels.slack:SlackAdapter",
+    "telegram": "connectors.channels.telegram:TelegramAdapter",
+    "teams": "connectors.channels.teams:TeamsAdapter",
+    "twilio": "connectors.channels.twilio:TwilioAdapter",
+    "aliyun-sms": "connectors.channels.aliyun_sms:AliyunSmsAdapter",
+    "tencent-sms": "connectors.channels.tencent_sms:TencentSmsAdapter",
+    "http-sms": "connectors.channels.http_sms:HttpSmsAdapter",
+    "apns": "connectors.channels.apns:ApnsAdapter",
+    "smtp": "connectors.channels.smtp:SmtpAdapter",
+    "fcm": "connectors.channels.fcm:FcmAdapter",
 }
 
 

@@ -1,0 +1,198 @@
+"""Alibaba Cloud SMS (dysmsapi SendSms): RPC-style HMAC-SHA1 signed requests; content only through an approved
+template, and business errors (throttling included) come back as HTTP 200 with a Code other than "OK".
+Aliyun's HTTP batch push of SmsReport carries no signature, so the receipt URL carries a shared token instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from urllib.parse import parse_qs, quote, urlsplit
+
+import aiohttp
+from pydantic import BaseModel, SecretStr
+
+from connectors.channels.base import (
+    ChannelAdapter,
+    DeliveryResult,
+    Limits,
+    Receipt,
+    ReceiptRejected,
+    ReceiptRequest,
+    accepted,
+    bad_signature,
+    http_failure,
+    malformed,
+    rejected,
+    transport_failure,
+)
+from schemas.config import Channel
+from schemas.models import RenderedMessage
+
+API_ROOT = "https://dysmsapi.aliyuncs.com"
+API_VERSION = "2017-05-25"
+# Per-recipient flow control (分钟级 1/min, 小时级 5/h, 天级 10/day by default) and the API gateway's own throttle.
+THROTTLED = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling", "Throttling.User", "Throttling.Api"}
+TRANSIENT = {"isp.SYSTEM_ERROR", "InternalError", "ServiceUnavailable"}
+# Which flow-control window the message names: the earliest a retry can succeed.
+LIMIT_WINDOWS_S = {"分钟级": 60.0, "小时级": 3600.0, "天级": 86400.0}
+
+
+def percent_encode(value: str) -> str:
+    """Aliyun's encoding: RFC 3986 over UTF-8, only A-Z a-z 0-9 - _ . ~ left as they are (space is %20)."""
+    return quote(value, safe="~")
+
+
+def string_to_sign(params: Mapping[str, str], method: str = "POST") -> str:
+    canonical = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in sorted(params.items()))
+    return f"{method}&{percent_encode('/')}&{percent_encode(canonical)}"
+
+
+def rpc_signature(secret: str, params: Mapping[str, str], method: str = "POST") -> str:
+    """Signature over every parameter but Signature itself; the key is the secret followed by "&"."""
+    mac = hmac.new(f"{secret}&".encode(), string_to_sign(params, method).encode(), hashlib.sha1)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def receipt_token(request: ReceiptRequest) -> str | None:
+    token = request.query.get("token") if request.query else None
+    if token is None:
+        token = (parse_qs(urlsplit(request.url).query).get("token") or [None])[0]
+    return token
+
+
+def strip_signature(body: str, sign_name: str) -> str:
+    """The copy engine's sms-cn format prefixes 【brand】; the platform adds 【SignName】 itself."""
+    prefix = f"【{sign_name}】"
+    return body[len(prefix) :] if body.startswith(prefix) else body
+
+
+def seconds(header: str | None) -> float | None:
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None  # an HTTP date: the retry's own backoff applies
+
+
+def flow_control_wait(message: str) -> float | None:
+    return next((seconds for word, seconds in LIMIT_WINDOWS_S.items() if word in message), None)
+
+
+class AliyunSmsAdapter(ChannelAdapter):
+    """Options: `template_code` (required, an approved template such as SMS_123456789), `sign_name`
+    (default: the channel's brand), `template_param_field` (the template variable that carries the body,
+    default `content`), `region` (RegionId, default cn-hangzhou). Receipts: configure the HTTP batch push URL
+    as <loopcast>/receipts/aliyun-sms?token=<receipt_token>."""
+
+    scheme = "aliyun-sms"
+    channel_kind = "sms"
+    # Sign + template + variables up to 500 characters (billed per 70, or 67 when long); SendSms allows 5,000 QPS.
+    limits = Limits(body_maxlen=500, rate_per_s=5000)
+    returns_provider_ids = True
+    sends_receipts = True
+
+    class Credentials(BaseModel):
+        access_key_id: str = "LTAI-sandbox"
+        access_key_secret: SecretStr = SecretStr("loopcast-dev-aliyun-secret")
+        # Our own choice, not Aliyun's: the shared token the receipt push URL must carry.
+        receipt_token: SecretStr = SecretStr("loopcast-dev-aliyun-receipt-token")
+
+    @classmethod
+    def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
+        token = receipt_token(request)
+        if not token or not hmac.compare_digest(token.encode(), credentials.receipt_token.get_secret_value().encode()):
+            raise bad_signature("receipt token missing or wrong")
+        try:
+            reports = json.loads(request.body)
+            if not isinstance(reports, list):
+                raise TypeError("SmsReport push is a JSON array")
+            receipts = []
+            for report in reports:
+                delivered = report["success"] is True
+                receipts.append(
+                    Receipt(
+                        provider_message_id=str(report["biz_id"]),
+                        delivered=delivered,
+                        error_code=None if delivered else str(report.get("err_code") or "UNDELIVERED"),
+                    )
+                )
+            return receipts
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReceiptRejected(f"malformed SmsReport: {exc!r}") from None
+
+    @classmethod
+    def receipt_answer(cls) -> tuple[int, str, str]:
+        return 200, json.dumps({"code": 0, "msg": "成功"}, ensure_ascii=False), "application/json"
+
+    def __init__(self, channel: Channel, credentials: Credentials) -> None:
+        super().__init__(channel, credentials)
+        options = channel.options
+        self.template_code = options.get("template_code")
+        if not self.template_code:
+            raise ValueError(f"channel {channel.id!r}: aliyun-sms needs options 'template_code'")
+        self.sign_name = options.get("sign_name") or channel.brand
+        if not self.sign_name:
+            raise ValueError(f"channel {channel.id!r}: aliyun-sms needs options 'sign_name' or a brand")
+        self.param_field = options.get("template_param_field") or "content"
+        self.region = options.get("region") or "cn-hangzhou"
+        self.url = (str(channel.url).rstrip("/") if channel.url else API_ROOT) + "/"
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        )
+
+    def params(self, message: RenderedMessage, *, now: float | None = None) -> dict[str, str]:
+        content = strip_signature(message.body, self.sign_name)
+        params = {
+            "AccessKeyId": self.credentials.access_key_id,
+            "Action": "SendSms",
+            "Format": "JSON",
+            "RegionId": self.region,
+            "SignatureMethod": "HMAC-SHA1",
+            "SignatureNonce": uuid.uuid4().hex,
+            "SignatureVersion": "1.0",
+            "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "Version": API_VERSION,
+            "PhoneNumbers": message.address,
+            "SignName": self.sign_name,
+            "TemplateCode": self.template_code,
+            "TemplateParam": json.dumps({self.param_field: content}, ensure_ascii=False),
+            "OutId": message.message_id,  # echoed back as out_id in the SmsReport
+        }
+        params["Signature"] = rpc_signature(self.credentials.access_key_secret.get_secret_value(), params)
+        return params
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        form = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in self.params(message).items())
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        try:
+            async with self.session.post(self.url, data=form.encode(), headers=headers) as response:
+                text = await response.text()
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return transport_failure(exc)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        code = answer.get("Code") if isinstance(answer, dict) else None
+        if code in THROTTLED:
+            wait = flow_control_wait(str(answer.get("Message", ""))) or seconds(retry_after)
+            return rejected(code, text, retryable=True).model_copy(update={"retry_after_s": wait})
+        if not 200 <= status < 300:
+            # InvalidAccessKeyId.NotFound (404) and SignatureDoesNotMatch (400) are final; 5xx retries.
+            return http_failure(status, text, retry_after, code=code)
+        if not isinstance(code, str):
+            return malformed(text)  # SendSms has no idempotency key: a retry could send twice
+        if code != "OK":
+            return rejected(code, text, retryable=code in TRANSIENT)
+        biz_id = answer.get("BizId")
+        return accepted(biz_id, text) if isinstance(biz_id, str) and biz_id else malformed(text)
+
+    async def close(self) -> None:
+        await self.session.close()

@@ -1,0 +1,238 @@
+"""Tencent Cloud SMS (SendSms, API 3.0 version 2021-01-11): TC3-HMAC-SHA256 signed JSON; every answer, errors
+included, is HTTP 200 with a Response envelope, and each number has its own status in SendStatusSet.
+The status callback is unsigned, so the callback URL carries a shared token instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import time
+from collections.abc import Mapping
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+from pydantic import BaseModel, SecretStr
+
+from connectors.channels.base import (
+    ChannelAdapter,
+    DeliveryResult,
+    Limits,
+    Receipt,
+    ReceiptRejected,
+    ReceiptRequest,
+    accepted,
+    bad_signature,
+    http_failure,
+    malformed,
+    rejected,
+    transport_failure,
+)
+from schemas.config import Channel
+from schemas.models import RenderedMessage
+
+API_ROOT = "https://sms.tencentcloudapi.com"
+API_VERSION = "2021-01-11"
+SERVICE = "sms"
+ALGORITHM = "TC3-HMAC-SHA256"
+CONTENT_TYPE = "application/json; charset=utf-8"
+# Per-number frequency limits name their window; RequestLimitExceeded is the API's per-second throttle.
+LIMIT_WAITS_S = {
+    "RequestLimitExceeded": 1.0,
+    "LimitExceeded.PhoneNumberThirtySecondLimit": 30.0,
+    "LimitExceeded.PhoneNumberOneHourLimit": 3600.0,
+    "LimitExceeded.PhoneNumberDailyLimit": 86400.0,
+    "LimitExceeded.PhoneNumberSameContentDailyLimit": 86400.0,
+}
+MAINLAND = re.compile(r"^1\d{10}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hmac(key: bytes, message: str) -> bytes:
+    return hmac.new(key, message.encode(), hashlib.sha256).digest()
+
+
+def tc3_signature(
+    secret_key: str,
+    headers: Mapping[str, str],
+    signed: list[str],
+    payload: bytes,
+    timestamp: int,
+    method: str = "POST",
+    service: str = SERVICE,
+) -> str:
+    """Canonical request (URI "/", empty query, the signed headers lower-cased and trimmed, the payload's hash),
+    then the string to sign under the scope date/sms/tc3_request, signed with the key derived from the date."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    canonical_headers = "".join(f"{name}:{lowered.get(name, '').strip().lower()}\n" for name in signed)
+    canonical = "\n".join([method, "/", "", canonical_headers, ";".join(signed), sha256_hex(payload)])
+    date = time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+    scope = f"{date}/{service}/tc3_request"
+    to_sign = "\n".join([ALGORITHM, str(timestamp), scope, sha256_hex(canonical.encode())])
+    key = _hmac(_hmac(_hmac(f"TC3{secret_key}".encode(), date), service), "tc3_request")
+    return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def authorization(secret_id: str, secret_key: str, headers: Mapping[str, str], payload: bytes, timestamp: int) -> str:
+    signed = sorted(name.lower() for name in headers)
+    date = time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+    signature = tc3_signature(secret_key, headers, signed, payload, timestamp)
+    return (
+        f"{ALGORITHM} Credential={secret_id}/{date}/{SERVICE}/tc3_request, "
+        f"SignedHeaders={';'.join(signed)}, Signature={signature}"
+    )
+
+
+def receipt_token(request: ReceiptRequest) -> str | None:
+    token = request.query.get("token") if request.query else None
+    if token is None:
+        token = (parse_qs(urlsplit(request.url).query).get("token") or [None])[0]
+    return token
+
+
+def e164(address: str) -> str:
+    """Tencent wants +<country><number>; a bare 11-digit mainland mobile gets +86."""
+    return f"+86{address}" if MAINLAND.match(address) else address
+
+
+def retryable(code: str) -> bool:
+    return code.startswith(("LimitExceeded", "RequestLimitExceeded", "InternalError"))
+
+
+class TencentSmsAdapter(ChannelAdapter):
+    """Options: `sdk_app_id` (required, SmsSdkAppId), `template_id` (required, an approved template whose
+    one variable takes the body), `sign_name` (default: the channel's brand; global SMS may omit it),
+    `region` (X-TC-Region, default ap-guangzhou). Receipts: set the status callback URL to
+    <loopcast>/receipts/tencent-sms?token=<receipt_token>."""
+
+    scheme = "tencent-sms"
+    channel_kind = "sms"
+    # Sign + body up to 500 characters (billed per 70, or 67 when long); SendSms allows 3,000 requests/s.
+    limits = Limits(body_maxlen=500, rate_per_s=3000)
+    returns_provider_ids = True
+    sends_receipts = True
+
+    class Credentials(BaseModel):
+        secret_id: str = "AKID-sandbox"
+        secret_key: SecretStr = SecretStr("loopcast-dev-tencent-secret")
+        # Our own choice, not Tencent's: the shared token the status callback URL must carry.
+        receipt_token: SecretStr = SecretStr("loopcast-dev-tencent-receipt-token")
+
+    @classmethod
+    def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
+        token = receipt_token(request)
+        if not token or not hmac.compare_digest(token.encode(), credentials.receipt_token.get_secret_value().encode()):
+            raise bad_signature("receipt token missing or wrong")
+        try:
+            reports = json.loads(request.body)
+            if not isinstance(reports, list):
+                raise TypeError("the status callback is a JSON array")
+            receipts = []
+            for report in reports:
+                delivered = report["report_status"] == "SUCCESS"
+                receipts.append(
+                    Receipt(
+                        provider_message_id=str(report["sid"]),
+                        delivered=delivered,
+                        error_code=None if delivered else str(report.get("errmsg") or report["report_status"]),
+                    )
+                )
+            return receipts
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ReceiptRejected(f"malformed status callback: {exc!r}") from None
+
+    @classmethod
+    def receipt_answer(cls) -> tuple[int, str, str]:
+        return 200, '{"result":0,"errmsg":"OK"}', "application/json"
+
+    def __init__(self, channel: Channel, credentials: Credentials) -> None:
+        super().__init__(channel, credentials)
+        options = channel.options
+        self.sdk_app_id, self.template_id = options.get("sdk_app_id"), options.get("template_id")
+        if not self.sdk_app_id or not self.template_id:
+            raise ValueError(f"channel {channel.id!r}: tencent-sms needs options 'sdk_app_id' and 'template_id'")
+        self.sign_name = options.get("sign_name") or channel.brand
+        self.region = options.get("region") or "ap-guangzhou"
+        root = str(channel.url).rstrip("/") if channel.url else API_ROOT
+        self.url = root + "/"
+        self.host = urlsplit(root).netloc
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        )
+
+    def payload(self, message: RenderedMessage) -> bytes:
+        body = message.body
+        if self.sign_name and body.startswith(f"【{self.sign_name}】"):
+            body = body[len(self.sign_name) + 2 :]  # the platform adds 【SignName】 itself
+        request = {
+            "PhoneNumberSet": [e164(message.address)],
+            "SmsSdkAppId": self.sdk_app_id,
+            "TemplateId": self.template_id,
+            "TemplateParamSet": [body],
+            "SessionContext": message.message_id,  # echoed back in SendStatusSet
+        }
+        if self.sign_name:
+            request["SignName"] = self.sign_name
+        return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+
+    def headers(self, payload: bytes, timestamp: int) -> dict[str, str]:
+        signed = {"Content-Type": CONTENT_TYPE, "Host": self.host, "X-TC-Action": "SendSms"}
+        secret_key = self.credentials.secret_key.get_secret_value()
+        return {
+            **signed,
+            "Authorization": authorization(self.credentials.secret_id, secret_key, signed, payload, timestamp),
+            "X-TC-Timestamp": str(timestamp),
+            "X-TC-Version": API_VERSION,
+            "X-TC-Region": self.region,
+        }
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        payload = self.payload(message)
+        headers = self.headers(payload, int(time.time()))
+        try:
+            async with self.session.post(self.url, data=payload, headers=headers) as response:
+                text = await response.text()
+                status, retry_after = response.status, response.headers.get("Retry-After")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return transport_failure(exc)
+        try:
+            envelope = json.loads(text)["Response"]
+            error = envelope.get("Error")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            envelope = error = None
+        if not 200 <= status < 300:
+            return http_failure(status, text, retry_after, code=error.get("Code") if isinstance(error, dict) else None)
+        if isinstance(error, dict) and isinstance(error.get("Code"), str):
+            return self._refused(error["Code"], text, retry_after)
+        try:
+            [result] = envelope["SendStatusSet"]
+            code = result["Code"]
+        except (KeyError, TypeError, ValueError):
+            return malformed(text)  # SendSms has no idempotency key: a retry could send twice
+        if code != "Ok":
+            return self._refused(str(code), text, retry_after)
+        serial = result.get("SerialNo")
+        return accepted(serial, text) if isinstance(serial, str) and serial else malformed(text)
+
+    @staticmethod
+    def _refused(code: str, raw: str, retry_after: str | None) -> DeliveryResult:
+        """AuthFailure.* and InvalidParameter* are final; throttling waits for the window it names."""
+        result = rejected(code, raw, retryable=retryable(code))
+        if not result.retryable:
+            return result
+        wait = LIMIT_WAITS_S.get(code)
+        if wait is None and retry_after:
+            try:
+                wait = float(retry_after)
+            except ValueError:
+                wait = None  # an HTTP date: the retry's own backoff applies
+        return result.model_copy(update={"retry_after_s": wait})
+
+    async def close(self) -> None:
+        await self.session.close()
