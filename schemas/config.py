@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from schemas.models import ConfigKind, ConfigRecord, Priority
+from schemas.segments import Node, Segment
 from streams.copy.variants import Experiment
 from streams.policy import CapRule, Category, QuietHours
 
@@ -36,11 +37,19 @@ class Trigger(BaseModel):
 
 
 class Audience(BaseModel):
-    """Who a campaign may reach: everyone who triggers it, or only listed users."""
+    """Who a campaign may reach: everyone who triggers it, only listed users, or the members of a
+    segment (judged on the user's live profile when the trigger arrives)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["all", "users"] = "all"
+    kind: Literal["all", "users", "segment"] = "all"
     user_ids: list[str] = Field(default_factory=list)
+    segment_id: str | None = None
+
+    @model_validator(mode="after")
+    def _segment_named(self) -> Audience:
+        if (self.kind == "segment") != (self.segment_id is not None):
+            raise ValueError("an audience of kind 'segment' names its segment_id (and only that kind does)")
+        return self
 
 
 class CampaignVariant(BaseModel):
@@ -156,6 +165,7 @@ class ProviderRoute(BaseModel):
     provider: str
     url: HttpUrl | None = None
     options: dict[str, str] = Field(default_factory=dict)
+    # Share of the channel's traffic; 0 makes it a standby, used only while no weighted route can be.
     weight: float = Field(default=1.0, ge=0)
 
 
@@ -205,10 +215,51 @@ class Channel(Document):
         return self
 
 
+class SegmentDocument(Document):
+    """A segment (schemas.segments) as published on the config topic."""
+
+    kind: Literal[ConfigKind.segment] = ConfigKind.segment
+    name: str
+    root: Node
+    description: str | None = None
+    status: Literal["active", "paused"] = "active"
+
+    @property
+    def segment(self) -> Segment:
+        return Segment(id=self.id, name=self.name, root=self.root, description=self.description)
+
+    @model_validator(mode="after")
+    def _valid_segment(self) -> SegmentDocument:
+        self.segment  # noqa: B018 - the Segment's own checks (depth) apply here too
+        return self
+
+
+class TagRule(Document):
+    """Tags that follow from behaviour, as data: an event (optionally with matching properties)
+    adds and removes tags, e.g. coupon_claimed → +price_sensitive."""
+
+    kind: Literal[ConfigKind.tag_rule] = ConfigKind.tag_rule
+    event_type: str
+    # Every listed property must equal the event's (e.g. {"price_type": "full"}).
+    when: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _does_something(self) -> TagRule:
+        if not self.add and not self.remove:
+            raise ValueError("a tag rule adds or removes at least one tag")
+        if set(self.add) & set(self.remove):
+            raise ValueError(f"tags both added and removed: {sorted(set(self.add) & set(self.remove))}")
+        return self
+
+
 DOCUMENT_TYPES: dict[ConfigKind, type[Document]] = {
     ConfigKind.campaign: Campaign,
     ConfigKind.template: Template,
     ConfigKind.channel: Channel,
+    ConfigKind.segment: SegmentDocument,
+    ConfigKind.tag_rule: TagRule,
 }
 
 

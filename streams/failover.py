@@ -89,11 +89,14 @@ class Routes:
     ) -> int | None:
         """The route for this message: weighted, stable per message (its retries and a redelivery
         land on the same choice), among healthy routes it has not failed on. None: no route now."""
-        candidates = [
-            i for i, key in enumerate(keys) if key not in skip and weights[i] > 0 and self.breaker(key).available(now)
-        ]
+        usable = [i for i, key in enumerate(keys) if key not in skip and self.breaker(key).available(now)]
+        # Weight 0 is a standby: it takes traffic only while no weighted route can.
+        candidates = [i for i in usable if weights[i] > 0] or usable[:1]
         if not candidates:
             return None
+        if weights[candidates[0]] == 0:
+            self.breaker(keys[candidates[0]]).chosen(now)
+            return candidates[0]
         total = sum(weights[i] for i in candidates)
         point = int.from_bytes(hashlib.blake2b(message_id.encode(), digest_size=8).digest()) / 2**64 * total
         chosen = candidates[-1]

@@ -30,6 +30,12 @@ def test_a_failed_route_is_skipped_for_that_message() -> None:
     assert routes.choose(KEYS, [1, 1], "m", set(KEYS), 0.0) is None
 
 
+def test_a_standby_takes_traffic_only_when_the_weighted_routes_cannot() -> None:
+    routes = Routes()
+    assert {routes.choose(KEYS, [1, 0], f"m{i}", set(), 0.0) for i in range(100)} == {0}
+    assert routes.choose(KEYS, [1, 0], "m", {KEYS[0]}, 0.0) == 1
+
+
 def test_an_outage_opens_the_breaker_then_one_probe_closes_it() -> None:
     routes = Routes(open_s=2.0)
     for t in range(5):
