@@ -87,6 +87,8 @@ class ConfigKind(StrEnum):
     campaign = "campaign"
     template = "template"
     channel = "channel"
+    segment = "segment"
+    tag_rule = "tag_rule"
 
 
 class Event(Record):
