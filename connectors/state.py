@@ -6,9 +6,10 @@ per-message calls cap a stage at a few thousand messages a second (STACK-NOTES).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,6 +24,27 @@ SEND_CLAIM_TTL_S = 7 * 24 * 3600
 SHORT_LINK_TTL_S = 30 * 24 * 3600
 # A channel fallback waits this long at most for its message's fate (retries, receipt window).
 FALLBACK_TTL_S = 2 * 24 * 3600
+
+
+class Coalesced:
+    """Many concurrent single-item calls of a batch function as one call (one Redis round trip);
+    each caller still returns only once its own item was written."""
+
+    def __init__(self, batch_fn: Callable[[list[Any]], Awaitable[None]]) -> None:
+        self.batch_fn = batch_fn
+        self.items: list[Any] = []
+        self.flush: asyncio.Task | None = None
+
+    async def __call__(self, item: Any) -> None:
+        self.items.append(item)
+        if self.flush is None:
+            self.flush = asyncio.ensure_future(self._flush())
+        await asyncio.shield(self.flush)  # one caller's cancellation must not cancel the others' write
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # one turn of the loop: the senders finishing now join this write
+        items, self.items, self.flush = self.items, [], None
+        await self.batch_fn(items)
 
 
 def fallback_key(message_id: str) -> str:

@@ -318,6 +318,17 @@ def bench_render(messages: Annotated[int, typer.Option(help="Messages rendered p
     run_render_bench(console, messages=messages)
 
 
+@bench_app.command("dispatch")
+def bench_dispatch(
+    sends: Annotated[int, typer.Option(help="Messages sent in the throughput run.")] = 30_000,
+    latency_ms: Annotated[float, typer.Option(help="How long the provider sandbox takes to answer.")] = 5,
+) -> None:
+    """One worker's sends/s to an HTTP provider sandbox, and how fast an outage moves traffic to the standby."""
+    from console.bench_dispatch import run_dispatch_bench
+
+    run_dispatch_bench(Settings(), console, sends=sends, latency_ms=latency_ms)
+
+
 @bench_app.command("policy")
 def bench_policy(
     messages: Annotated[int, typer.Option(help="Messages through the policy checks.")] = 100_000,

@@ -35,10 +35,13 @@ def stack(
         health=_answers(f"{settings.sandbox_base}/_sandbox/health"),
         timeout_s=30,
     )
+    # A worker with the feedback stage serves HTTP; one without says it is ready by a file.
+    stages = (worker_env or {}).get("LOOPCAST_STAGES", settings.stages)
+    serves_http = not stages or "feedback" in stages
     s.register(
         "worker",
         [sys.executable, "-m", "console", "worker"],
-        health=_answers(f"{settings.http_base}/healthz?ready=1"),
+        health=_answers(f"{settings.http_base}/healthz?ready=1") if serves_http else lambda: _owns_partitions(settings),
         env=worker_env,
         timeout_s=90,
     )

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra import topics
+from infra.eventloop import use_fast_loop
 from infra.settings import Settings
 from schemas.codec import DecodeError
 from schemas.contracts import codec
@@ -177,6 +178,7 @@ def run_worker(settings: Settings, stages: list[StageSpec], loglevel: str = "inf
     # Topics come with their declared partitions and retention before Faust would make defaults.
     ensure_topics(settings)
     ready_file(settings).unlink(missing_ok=True)  # a previous run's
+    use_fast_loop()
     app, runtime = build(settings, stages)
     worker = faust.Worker(app, runtime, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

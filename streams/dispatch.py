@@ -173,8 +173,8 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
             if outcome.code is OutcomeCode.sent:
                 # Right away, not at the end of the batch: a provider's receipt can come back
                 # within milliseconds and must find its message.
-                await rt.user_state.record_sends(
-                    [(outcome.user_id, touch_of(outcome), outcome.provider, outcome.provider_message_id)]
+                await rt.record_send(
+                    (outcome.user_id, touch_of(outcome), outcome.provider, outcome.provider_message_id)
                 )
             await settle(rt, out, message, outcome, adapter.sends_receipts)
             return

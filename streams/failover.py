@@ -29,14 +29,18 @@ def backoff_s(attempt: int, retry_after_s: float | None = None, rng: random.Rand
 
 @dataclass
 class Breaker:
-    """Closed → open when at least `min_calls` of the last `window_s` failed at `failure_ratio`;
-    open → half-open after `open_s` (one probe); the probe's result closes or re-opens it."""
+    """Closed → open after `consecutive` failures in a row, or when `failure_ratio` of the last
+    `window` calls (at least `min_calls`) failed; open → half-open after `open_s` (one probe);
+    the probe's result closes or re-opens it. Windows count calls, not seconds, so a busy
+    provider's good past does not hide its outage for long."""
 
-    window_s: float = 10.0
-    min_calls: int = 5
+    window: int = 20
+    min_calls: int = 10
     failure_ratio: float = 0.5
+    consecutive: int = 5
     open_s: float = 2.0
-    calls: deque[tuple[float, bool]] = field(default_factory=deque)
+    calls: deque[bool] = field(default_factory=deque)
+    failures_in_a_row: int = 0
     opened_at: float | None = None
     # Half-open: when the one probe was let through (a probe that never reports expires after open_s).
     probe_at: float | None = None
@@ -58,13 +62,17 @@ class Breaker:
                 self.probe_at = None
                 self.opened_at = None if ok else now
                 self.calls.clear()
+                self.failures_in_a_row = 0
             return
-        self.calls.append((now, ok))
-        while self.calls and now - self.calls[0][0] > self.window_s:
+        self.calls.append(ok)
+        if len(self.calls) > self.window:
             self.calls.popleft()
-        failures = sum(1 for _, good in self.calls if not good)
-        if len(self.calls) >= self.min_calls and failures >= self.failure_ratio * len(self.calls):
+        self.failures_in_a_row = 0 if ok else self.failures_in_a_row + 1
+        failures = self.calls.count(False)
+        ratio_tripped = len(self.calls) >= self.min_calls and failures >= self.failure_ratio * len(self.calls)
+        if self.failures_in_a_row >= self.consecutive or ratio_tripped:
             self.opened_at = now
+            self.failures_in_a_row = 0
 
     @property
     def state(self) -> str:

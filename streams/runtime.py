@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from connectors.channels.base import ChannelAdapter, adapter_class
 from connectors.kafka import partitions as kafka_partitions
 from connectors.policy_store import PolicyStore
-from connectors.state import State
+from connectors.state import Coalesced, State
 from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
@@ -149,6 +149,8 @@ class Runtime(mode.Service):
 
     async def on_start(self) -> None:
         self.user_state = State(self.settings.redis)
+        # Sends recorded as they happen (a receipt may come right back), many per round trip.
+        self.record_send = Coalesced(self.user_state.record_sends)
         self.policy = PolicyStore(self.settings.redis)
         # For what is produced outside the stage batches: tracking, receipts, ingest, released holds.
         self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=2)

@@ -62,6 +62,15 @@ def test_a_failed_probe_opens_again_and_a_lost_probe_expires() -> None:
     assert b.available(3.8)  # the probe never reported: another may go
 
 
+def test_a_busy_providers_good_past_does_not_hide_its_outage() -> None:
+    b = Breaker()
+    for i in range(3000):
+        b.record(True, i * 0.001)
+    for i in range(5):
+        b.record(False, 3 + i * 0.001)
+    assert b.state == "open"
+
+
 def test_mostly_healthy_stays_closed() -> None:
     b = Breaker()
     for i in range(100):

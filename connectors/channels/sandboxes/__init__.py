@@ -16,6 +16,7 @@ from aiohttp import web
 
 from connectors.channels.base import REGISTRY, adapter_class
 from connectors.channels.sandboxes.core import Sandbox, SandboxContext, inspection_routes
+from infra.eventloop import use_fast_loop
 from infra.settings import Settings
 
 
@@ -62,6 +63,7 @@ def build_app(settings: Settings, schemes: Iterable[str] | None = None) -> tuple
 
 
 def main() -> None:
+    use_fast_loop()
     settings = Settings()
     app, _ = build_app(settings)
     web.run_app(app, host=settings.host, port=settings.sandbox_port, access_log=None, print=None)

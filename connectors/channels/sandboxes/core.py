@@ -29,6 +29,8 @@ class Faults(BaseModel):
     # Share of accepted messages whose receipt says the handset never got it.
     undelivered_rate: float = Field(default=0, ge=0, le=1)
     receipt_delay_ms: float = Field(default=200, ge=0)
+    # Off when nobody listens for receipts (a dispatch-only benchmark worker serves no HTTP).
+    receipts: bool = True
     seed: int | None = None
 
 
@@ -76,6 +78,9 @@ class Sandbox:
     received: list[Received] = field(default_factory=list)
     rejected: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    # When injected faults answered (outage, throttling, errors): how long a provider kept being tried.
+    faulted: int = 0
+    last_fault_at: float | None = None
     rng: random.Random = field(default_factory=random.Random)
     _seq: int = 0
     _pending: set = field(default_factory=set)
@@ -113,6 +118,7 @@ class Sandbox:
             return web.Response(text="<html><body>502 upstream glitch</body></html>", content_type="text/html")
         if fault is None:
             return None
+        self.faulted, self.last_fault_at = self.faulted + 1, time.time()
         response = (answer or default_answer)(fault, status)
         if fault == "throttled" and "Retry-After" not in response.headers:
             response.headers["Retry-After"] = "1"
@@ -134,6 +140,8 @@ class Sandbox:
             random.Random(f"{self.faults.seed}:{key}").random() if self.faults.seed is not None else self.rng.random()
         )
         status = "undelivered" if roll < self.faults.undelivered_rate else "delivered"
+        if not self.faults.receipts:
+            return
         item.receipt_status = status
 
         async def later() -> None:
@@ -153,6 +161,7 @@ class Sandbox:
     def reset(self) -> None:
         self.received.clear()
         self.latencies_ms.clear()
+        self.faulted, self.last_fault_at = 0, None
         self.rejected = 0
 
     def stats(self) -> dict[str, Any]:
@@ -174,6 +183,8 @@ class Sandbox:
                 "p99": pct(0.99),
                 "max": latencies[-1] if latencies else None,
             },
+            "faulted": self.faulted,
+            "last_fault_at": self.last_fault_at,
             "first_at": self.received[0].received_at if self.received else None,
             "last_at": self.received[-1].received_at if self.received else None,
             "faults": self.faults.model_dump(),
