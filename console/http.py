@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from connectors.channels.base import ReceiptRejected, ReceiptRequest, adapter_class
+from connectors.inbox_store import InboxStore
 from connectors.policy_store import PolicyStore
 from connectors.state import State
 from infra import topics
@@ -50,6 +51,7 @@ class Endpoints:
         self.producer = producer
         self.ready = ready
         self._credentials: dict[str, object] = {}
+        self.inbox = InboxStore(settings.redis)
 
     async def publish(self, topic: str, key: str, value) -> None:
         await self.producer.send_and_wait(topic, encode(value), key=key.encode())
@@ -177,6 +179,39 @@ class Endpoints:
         status, body, content_type = cls.receipt_answer()
         return web.Response(status=status, text=body, content_type=content_type)
 
+    # The in-app inbox: what an app shows in its message centre --------------------------------
+    async def inbox_list(self, request: web.Request) -> web.Response:
+        try:
+            limit = min(int(request.query.get("limit", 50)), 200)
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be a number") from None
+        user_id = request.match_info["user_id"]
+        items = await self.inbox.list(user_id, limit=limit, before=request.query.get("before"))
+        return web.json_response(
+            {
+                "items": [i.model_dump(mode="json") for i in items],
+                "unread": await self.inbox.unread_count(user_id),
+                # The next page starts after the last item of this one.
+                "next_before": items[-1].message_id if len(items) == limit else None,
+            }
+        )
+
+    async def inbox_unread(self, request: web.Request) -> web.Response:
+        return web.json_response({"unread": await self.inbox.unread_count(request.match_info["user_id"])})
+
+    async def inbox_read(self, request: web.Request) -> web.Response:
+        """Body {"message_ids": [...]} marks those read; no body (or no ids) marks all read."""
+        try:
+            body = await request.json() if request.can_read_body else {}
+            ids = body.get("message_ids")
+            if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+                raise ValueError("message_ids must be a list of strings")
+        except (ValueError, AttributeError) as exc:
+            raise web.HTTPBadRequest(text=f"bad request: {exc}") from None
+        user_id = request.match_info["user_id"]
+        changed = await self.inbox.mark_read(user_id, ids)
+        return web.json_response({"marked_read": changed, "unread": await self.inbox.unread_count(user_id)})
+
     async def settle_fallback(self, message_id: str, delivered: bool) -> None:
         """A delivered message needs no fallback channel; an undelivered one starts it."""
         if delivered:
@@ -228,12 +263,20 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
             web.post("/u/{token}", endpoints.unsubscribe_link),
             web.post("/inbound/sms", endpoints.inbound_sms),
             web.post("/v1/users/{user_id}/unsubscribe", endpoints.unsubscribe_api),
+            web.get("/v1/users/{user_id}/inbox", endpoints.inbox_list),
+            web.get("/v1/users/{user_id}/inbox/unread", endpoints.inbox_unread),
+            web.post("/v1/users/{user_id}/inbox/read", endpoints.inbox_read),
         ]
     )
     if warehouse is not None:
         from connectors.warehouse import sql_routes
 
         app.add_routes(sql_routes(warehouse))
+
+    async def close(_: web.Application) -> None:
+        await endpoints.inbox.close()
+
+    app.on_cleanup.append(close)
     return app
 
 

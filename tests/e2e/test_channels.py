@@ -203,3 +203,33 @@ def test_a_failed_push_falls_back_to_exactly_one_sms(worker) -> None:
                 assert r["fallback_of"] == push_ids[r["user_id"]]
     finally:
         wh.close()
+
+
+def test_the_inbox_lists_counts_and_marks_read(worker) -> None:
+    settings = worker
+    documents = [
+        Channel(id="ib-inbox", provider="inbox", format="inbox"),
+        Template(id="ib-t", title="Order shipped", body="${name}, parcel {order} is on its way"),
+        Campaign(
+            id="ib", name="ib", trigger=Trigger(event_type="ib_go"), channel="ib-inbox", template_id="ib-t",
+            daily_cap=1000, category="service",
+        ),
+    ]  # fmt: skip
+    setup(settings, documents, [{"user_id": "ib-user", "name": "Dee"}])
+    now = datetime.now(UTC)
+    events = [
+        Event(event_id=f"ib-{i}", event_type="ib_go", user_id="ib-user", occurred_at=now, properties={"order": f"A{i}"})
+        for i in range(3)
+    ]
+    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
+    inbox = f"{settings.http_base}/v1/users/ib-user/inbox"
+    page = wait_for(
+        lambda: (r := httpx.get(inbox).json())["unread"] == 3 and r, timeout_s=60, what="3 unread inbox messages"
+    )
+    assert {i["body"] for i in page["items"]} == {f"Dee, parcel A{i} is on its way" for i in range(3)}
+    first = page["items"][0]["message_id"]
+    marked = httpx.post(f"{inbox}/read", json={"message_ids": [first]}).json()
+    assert marked == {"marked_read": 1, "unread": 2}
+    assert httpx.get(f"{inbox}?limit=2").json()["next_before"] is not None
+    assert httpx.post(f"{inbox}/read").json()["unread"] == 0
+    assert httpx.get(f"{inbox}/unread").json() == {"unread": 0}
