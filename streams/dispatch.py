@@ -96,11 +96,12 @@ async def settle(rt, out, message: RenderedMessage, outcome: Outcome, sends_rece
         return
     if outcome.code is OutcomeCode.failed:
         await fall_back(rt.user_state, out.send, message.message_id)
-    elif campaign.fallback_after_s and sends_receipts:
+    elif not sends_receipts:
+        await rt.user_state.drop_fallbacks([message.message_id])  # sent is all this provider will say
+    elif campaign.fallback_after_s:
+        # The stash stays for an undelivered receipt; without any receipt by then, the check fires.
         due_ms = int((time.time() + campaign.fallback_after_s) * 1000)
         await rt.policy.defer([(due_ms, message.message_id.encode())], queue=FALLBACK_CHECKS)
-    else:
-        await rt.user_state.drop_fallbacks([message.message_id])
 
 
 async def schedule_retry(rt, message: RenderedMessage, attempt: int, failed: set[str], wait_s: float) -> None:

@@ -233,3 +233,45 @@ def test_the_inbox_lists_counts_and_marks_read(worker) -> None:
     assert httpx.get(f"{inbox}?limit=2").json()["next_before"] is not None
     assert httpx.post(f"{inbox}/read").json()["unread"] == 0
     assert httpx.get(f"{inbox}/unread").json() == {"unread": 0}
+
+
+def test_an_undelivered_receipt_or_no_receipt_in_time_starts_the_next_channel(worker) -> None:
+    settings = worker
+    base = settings.sandbox_base
+    twilio = ProviderRoute(provider="twilio", url=f"{base}/twilio", options={"from": "+15550000"})
+    documents = [
+        Channel(id="nr-sms", provider="twilio", providers=[twilio], format="sms", address_field="phone"),
+        Channel(id="nr-quiet", provider="http-sms", url=f"{base}/http-sms", format="sms", address_field="phone"),
+        Channel(id="nr-hook", provider="webhook", url=f"{base}/webhook/nr"),
+        Template(id="nr-t", body="${name}, your code is ready"),
+        Campaign(
+            id="nr-undelivered", name="u", trigger=Trigger(event_type="nr_go"), channel="nr-sms",
+            fallback_channels=["nr-hook"], template_id="nr-t", daily_cap=1000,
+        ),
+        Campaign(
+            id="nr-silent", name="s", trigger=Trigger(event_type="nr_go"), channel="nr-quiet",
+            fallback_channels=["nr-hook"], fallback_after_s=1, template_id="nr-t", daily_cap=1000,
+        ),
+    ]  # fmt: skip
+    setup(settings, documents, [{"user_id": "nr-user", "name": "Eve", "phone": "+15550500001"}])
+    faults(settings, "twilio", undelivered_rate=1.0)
+    faults(settings, "http-sms", receipts=False)
+    wh = warehouse.connect(settings)
+    try:
+        fire(settings, "nr_go", ["nr-user"])
+
+        def hooks() -> Counter:
+            return Counter(
+                b["campaign_id"] for b in received(settings, "webhook") if b["campaign_id"].startswith("nr-")
+            )
+
+        wait_for(lambda: hooks() == {"nr-undelivered": 1, "nr-silent": 1}, timeout_s=60, what="both fallbacks")
+        undelivered = outcomes(wh, "nr-undelivered")
+        assert {(r["channel"], r["code"]) for r in undelivered} >= {("nr-sms", "sent"), ("nr-sms", "undelivered")}
+        silent = {(r["channel"], r["code"]) for r in outcomes(wh, "nr-silent")}
+        assert ("nr-quiet", "sent") in silent and ("nr-quiet", "delivered") not in silent
+        assert hooks() == {"nr-undelivered": 1, "nr-silent": 1}  # once each, never again
+    finally:
+        faults(settings, "twilio", undelivered_rate=0.0)
+        faults(settings, "http-sms", receipts=True)
+        wh.close()
