@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from console.audience_cli import broadcast_app, package_app
 from infra.settings import Settings
 
 app = typer.Typer(help="Loopcast: the right message, on the right channel, at the right time.", no_args_is_help=True)
@@ -107,6 +108,8 @@ sandbox_app = typer.Typer(help="Provider sandboxes on loopback, for trying chann
 app.add_typer(sandbox_app, name="sandbox")
 channels_app = typer.Typer(help="The channel providers Loopcast can send through.", no_args_is_help=True)
 app.add_typer(channels_app, name="channels")
+app.add_typer(package_app, name="package")
+app.add_typer(broadcast_app, name="broadcast")
 
 
 @sandbox_app.command("up")
