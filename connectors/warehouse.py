@@ -42,7 +42,7 @@ from aiohttp import web
 
 from infra.clickhouse import Migration
 from infra.clickhouse import migrations as bundled_migrations
-from schemas.models import DeadLetter, Outcome
+from schemas.models import DeadLetter, Event, Outcome, TagChange
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -1084,6 +1084,50 @@ def insert_outcomes(warehouse: Warehouse, outcomes: Sequence[Outcome]) -> int:
 
 def insert_dead_letters(warehouse: Warehouse, letters: Sequence[DeadLetter]) -> int:
     return warehouse.insert("dead_letters", [dead_letter_row(d) for d in letters])
+
+
+def insert_user_events(warehouse: Warehouse, events: Sequence[Event]) -> int:
+    rows = [
+        {
+            "user_id": e.user_id,
+            "event_type": e.event_type,
+            "occurred_at": e.occurred_at,
+            "properties": json.dumps(e.properties, ensure_ascii=False, separators=(",", ":")),
+        }
+        for e in events
+    ]
+    return warehouse.insert("user_events", rows)
+
+
+def insert_user_attributes(warehouse: Warehouse, profiles: Sequence[dict[str, Any]]) -> int:
+    """Whole rows (user_attributes is replaced per user), whitelisted attributes typed, others left out."""
+    from connectors.profiles import typed_attributes
+    from schemas.segments import ATTRIBUTES
+
+    rows = [{**dict.fromkeys(ATTRIBUTES), **typed_attributes(p), "user_id": str(p["user_id"])} for p in profiles]
+    return warehouse.insert("user_attributes", rows)
+
+
+def insert_tag_changes(warehouse: Warehouse, changes: Sequence[TagChange]) -> int:
+    """History into user_tag_changes, and user_tags kept current (what ClickHouse segment counts
+    read between two runs of the tags job)."""
+    import sqlglot.expressions as exp
+
+    latest = {(c.user_id, c.tag): c.change.value for c in changes}  # the last change per tag wins
+    removed = [key for key, change in latest.items() if change == "removed"]
+    if removed:
+        # Literals quoted by sqlglot, never pasted: user ids and tags come from outside.
+        where = exp.or_(
+            *(
+                exp.and_(exp.column("user_id").eq(exp.Literal.string(u)), exp.column("tag").eq(exp.Literal.string(t)))
+                for u, t in removed
+            )
+        )
+        warehouse.command(exp.delete("user_tags", where=where).sql(dialect="clickhouse"))
+    added = [{"user_id": u, "tag": t} for (u, t), change in latest.items() if change == "added"]
+    if added:
+        warehouse.insert("user_tags", added)
+    return warehouse.insert("user_tag_changes", [{**c.model_dump(), "change": c.change.value} for c in changes])
 
 
 def funnel(warehouse: Warehouse, campaign_id: str | None = None) -> list[dict[str, Any]]:

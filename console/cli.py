@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from console.audience_cli import broadcast_app, package_app
+from console.jobs_cli import jobs_app
+from console.profiles_cli import profiles_app
 from infra.settings import Settings
 
 app = typer.Typer(help="Loopcast: the right message, on the right channel, at the right time.", no_args_is_help=True)
@@ -109,7 +111,66 @@ app.add_typer(sandbox_app, name="sandbox")
 channels_app = typer.Typer(help="The channel providers Loopcast can send through.", no_args_is_help=True)
 app.add_typer(channels_app, name="channels")
 app.add_typer(package_app, name="package")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(jobs_app, name="jobs")
 app.add_typer(broadcast_app, name="broadcast")
+
+
+segment_app = typer.Typer(
+    help="Segments: compile to SQL, count in ClickHouse, size from bitmaps.", no_args_is_help=True
+)
+app.add_typer(segment_app, name="segment")
+
+
+class Dialect(StrEnum):
+    clickhouse = "clickhouse"
+    spark = "spark"
+
+
+def _segment(file: Path):
+    """A segment from JSON: a bare segment or the document published on the config topic."""
+    from schemas.segments import Segment
+
+    try:
+        data = json.loads(file.read_text())
+        data.pop("kind", None), data.pop("version", None), data.pop("status", None)
+        return Segment.model_validate(data)
+    except (OSError, ValueError) as exc:
+        raise fail(f"{file}: {exc}") from None
+
+
+@segment_app.command("compile")
+def segment_compile(
+    file: Path, dialect: Annotated[Dialect, typer.Option("--dialect")] = Dialect.clickhouse, count: bool = False
+) -> None:
+    """Print the SQL a segment (JSON) compiles to: the same tree, in ClickHouse's or Spark's dialect."""
+    from datetime import UTC, datetime
+
+    from connectors.segment_sql import to_sql
+
+    print(to_sql(_segment(file), dialect.value, datetime.now(UTC), count=count))
+
+
+@segment_app.command("count")
+def segment_count(file: Path) -> None:
+    """The segment's audience size, counted by ClickHouse over the audience tables, and the time taken."""
+    import time
+    from datetime import UTC, datetime
+
+    from connectors import warehouse
+    from connectors.segment_sql import to_sql
+
+    segment = _segment(file)
+    wh = warehouse.connect(Settings())
+    try:
+        started = time.perf_counter()
+        [row] = wh.query(to_sql(segment, "clickhouse", datetime.now(UTC), count=True))
+        took_ms = (time.perf_counter() - started) * 1000
+    except Exception as exc:
+        raise fail(str(exc)) from None
+    finally:
+        wh.close()
+    console.print(f"segment [bold]{segment.id}[/]: {row['users']:,} users ({took_ms:,.1f} ms in ClickHouse)")
 
 
 @sandbox_app.command("up")

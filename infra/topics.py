@@ -25,6 +25,8 @@ DISPATCH_HIGH = TopicSpec("loopcast.dispatch.high", config={"retention.ms": str(
 DISPATCH_NORMAL = TopicSpec("loopcast.dispatch.normal", config={"retention.ms": str(3 * DAY_MS)})
 DISPATCH_LOW = TopicSpec("loopcast.dispatch.low", config={"retention.ms": str(3 * DAY_MS)})
 OUTCOMES = TopicSpec("loopcast.outcomes", config={"retention.ms": str(14 * DAY_MS)})
+# Tags users gained or lost (tag rules, jobs): history for ClickHouse user_tag_changes.
+TAG_CHANGES = TopicSpec("loopcast.tag_changes", config={"retention.ms": str(7 * DAY_MS)})
 DLQ = TopicSpec("loopcast.dlq", partitions=1, config={"retention.ms": str(30 * DAY_MS)})
 ALERTS = TopicSpec("loopcast.alerts", partitions=1, config={"retention.ms": str(30 * DAY_MS)})
 # Campaigns, templates and channel settings: keyed by "<kind>:<id>", latest value wins.
@@ -35,4 +37,6 @@ CONFIG = TopicSpec(
 )
 
 DISPATCH = {"high": DISPATCH_HIGH, "normal": DISPATCH_NORMAL, "low": DISPATCH_LOW}
-ALL = (EVENTS, MATCHED, RENDERED, DISPATCH_HIGH, DISPATCH_NORMAL, DISPATCH_LOW, OUTCOMES, DLQ, ALERTS, CONFIG)
+ALL = (
+    EVENTS, MATCHED, RENDERED, DISPATCH_HIGH, DISPATCH_NORMAL, DISPATCH_LOW, OUTCOMES, TAG_CHANGES, DLQ, ALERTS, CONFIG,
+)  # fmt: skip

@@ -22,6 +22,7 @@ SCHEMA_FILES: dict[type, str] = {
     models.DeadLetter: "dead_letter.avsc",
     models.Alert: "alert.avsc",
     models.ConfigRecord: "config_record.avsc",
+    models.TagChange: "tag_change.avsc",
 }
 
 
@@ -47,6 +48,7 @@ TOPIC_VALUES: dict[str, type] = {
     topics.DLQ.name: models.DeadLetter,
     topics.ALERTS.name: models.Alert,
     topics.CONFIG.name: models.ConfigRecord,
+    topics.TAG_CHANGES.name: models.TagChange,
 }
 
 

@@ -91,6 +91,11 @@ class ConfigKind(StrEnum):
     tag_rule = "tag_rule"
 
 
+# An event of this type updates the user's profile with its properties (attributes, addresses):
+# bulk loads and live updates take the same path (streams.feedback).
+PROFILE_UPDATED = "profile_updated"
+
+
 class Event(Record):
     event_id: str = Field(min_length=1, max_length=200)
     event_type: str = Field(min_length=1, max_length=100)
@@ -193,6 +198,19 @@ class Alert(Record):
     subject: str
     message: str
     value: float | None = None
+    occurred_at: Timestamp = Field(default_factory=now_utc)
+
+
+class TagChangeKind(StrEnum):
+    added = "added"
+    removed = "removed"
+
+
+class TagChange(Record):
+    user_id: str
+    tag: str
+    change: TagChangeKind
+    source: str
     occurred_at: Timestamp = Field(default_factory=now_utc)
 
 

@@ -40,6 +40,8 @@ HANDLERS: dict[str, Handler] = {
     "dispatch.low": dispatch.handle,
     "feedback": feedback.handle,
     "feedback.dlq": feedback.handle_dead_letters,
+    "feedback.events": feedback.handle_events,
+    "feedback.tags": feedback.handle_tag_changes,
 }
 
 # Failures of the infrastructure rather than of a message: retry the batch before blaming items.
@@ -131,6 +133,8 @@ async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler
         try:
             good.append((message, decode(event.value, allow_json=spec.accepts_json)))
         except DecodeError as exc:
+            if not spec.dead_letters:
+                continue
             out.dead_letter(spec.name, message.topic, message.partition, message.offset, message.key, event.value, exc)
     if good:
         await _handle(rt, out, spec, handler, good)

@@ -1,10 +1,11 @@
-"""Feedback: outcomes and dead letters into ClickHouse, in batches (one insert per poll)."""
+"""Feedback: outcomes, dead letters, behaviour and tag changes into ClickHouse, in batches (one
+insert per poll)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from schemas.models import DeadLetter, Outcome
+from schemas.models import PROFILE_UPDATED, DeadLetter, Event, Outcome, TagChange
 
 
 async def handle(rt, out, outcomes: list[Outcome]) -> None:
@@ -17,3 +18,21 @@ async def handle_dead_letters(rt, out, letters: list[DeadLetter]) -> None:
     from connectors.warehouse import insert_dead_letters
 
     await asyncio.to_thread(insert_dead_letters, rt.warehouse, letters)
+
+
+async def handle_events(rt, out, events: list[Event]) -> None:
+    """Behaviour into user_events; profile updates merged into the live profile (Redis) and the
+    user's row of user_attributes (ClickHouse), so segments see the same user in both."""
+    from connectors.warehouse import insert_user_attributes, insert_user_events
+
+    updates = [(e.user_id, e.properties) for e in events if e.event_type == PROFILE_UPDATED]
+    if updates:
+        merged = await rt.profiles.merge(updates)
+        await asyncio.to_thread(insert_user_attributes, rt.warehouse, merged)
+    await asyncio.to_thread(insert_user_events, rt.warehouse, [e for e in events if e.event_type != PROFILE_UPDATED])
+
+
+async def handle_tag_changes(rt, out, changes: list[TagChange]) -> None:
+    from connectors.warehouse import insert_tag_changes
+
+    await asyncio.to_thread(insert_tag_changes, rt.warehouse, changes)

@@ -4,6 +4,7 @@ messages does it convert. One matched message per (campaign, user, event, channe
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
@@ -11,6 +12,8 @@ from pydantic import BaseModel
 from infra import topics
 from schemas.config import Campaign
 from schemas.models import Event, MatchedMessage, Outcome, OutcomeCode, Priority, now_utc
+from streams.segments import evaluate, max_window, referenced_packages
+from streams.tags import tag_effects
 
 
 def message_id(campaign_id: str, user_id: str, event_id: str, channel: str) -> str:
@@ -19,11 +22,17 @@ def message_id(campaign_id: str, user_id: str, event_id: str, channel: str) -> s
     return digest.hexdigest()
 
 
-def in_audience(campaign: Campaign, user_id: str) -> bool:
-    return campaign.audience.kind == "all" or user_id in campaign.audience.user_ids
+def in_audience(campaign: Campaign, user_id: str, members: Mapping[tuple[str, str], bool] | None = None) -> bool:
+    """`members` holds the segment verdicts judged for this batch: (segment id, user id) → member."""
+    audience = campaign.audience
+    if audience.kind == "segment":
+        return bool((members or {}).get((audience.segment_id, user_id)))
+    return audience.kind == "all" or user_id in audience.user_ids
 
 
-def match_event(event: Event, campaigns: list[Campaign]) -> list[MatchedMessage]:
+def match_event(
+    event: Event, campaigns: list[Campaign], members: Mapping[tuple[str, str], bool] | None = None
+) -> list[MatchedMessage]:
     return [
         MatchedMessage(
             message_id=message_id(c.id, event.user_id, event.event_id, c.channel),
@@ -37,7 +46,7 @@ def match_event(event: Event, campaigns: list[Campaign]) -> list[MatchedMessage]
             properties=event.properties,
         )
         for c in campaigns
-        if c.trigger.event_type == event.event_type and in_audience(c, event.user_id)
+        if c.trigger.event_type == event.event_type and in_audience(c, event.user_id, members)
     ]
 
 
@@ -91,8 +100,68 @@ def attribute_conversion(event: Event, campaigns: list[Campaign], touches: dict[
     return outcomes
 
 
+async def observe(rt, out, events: list[Event]) -> None:
+    """Behaviour before matching: tag rules change tags, and the history live segments count is
+    recorded, so the event that earns a tag or completes a pattern already counts."""
+    config = rt.config
+    relevant = [e for e in events if e.event_type in config.tag_rules or e.event_type in config.event_windows]
+    if not relevant:
+        return
+    effects = [tag_effects(e, config.tag_rules.get(e.event_type, [])) for e in relevant]
+    for change in await rt.profiles.observe(relevant, effects, config.event_windows):
+        out.send(topics.TAG_CHANGES.name, change.user_id, change)
+
+
+async def segment_verdicts(rt, events: list[Event]) -> dict[tuple[str, str], bool]:
+    """(segment, user) → member, for the segment audiences of the campaigns these events trigger,
+    judged on each user's live profile (one Redis round trip for the batch)."""
+    wanted: dict[str, set[str]] = {}
+    for event in events:
+        for campaign in rt.config.by_trigger.get(event.event_type, []):
+            if campaign.audience.kind == "segment":
+                wanted.setdefault(event.user_id, set()).add(campaign.audience.segment_id)
+    if not wanted:
+        return {}
+    segments = {sid: rt.config.segment(sid) for sids in wanted.values() for sid in sids}
+    live = {sid: doc for sid, doc in segments.items() if doc is not None and doc.status == "active"}
+    lookback = max((max_window(doc.root) for doc in live.values()), default=timedelta(0))
+    users = sorted(wanted)
+    now = now_utc()
+    facts = dict(zip(users, await rt.profiles.facts(users, lookback, now), strict=True))
+    packages = {p for doc in live.values() for p in referenced_packages(doc.root)}
+    inside: set[tuple[str, str]] = set()
+    for package_id in packages:
+        flags = await rt.audience.in_package(package_id, users)
+        inside.update((package_id, u) for u, flag in zip(users, flags, strict=True) if flag)
+    verdicts = {}
+    for user_id, sids in wanted.items():
+        for sid in sids:
+            doc = live.get(sid)  # a missing or paused segment has no members
+            verdicts[(sid, user_id)] = doc is not None and evaluate(
+                doc.root, facts[user_id], now, lambda package_id, uid: (package_id, uid) in inside
+            )
+    return verdicts
+
+
+def in_order(events: list[Event], config) -> list[list[Event]]:
+    """The batch cut so that within each piece every change to a user's profile comes before the
+    segment judgements of that user: a trigger never sees a tag its user earns later in the batch."""
+    pieces: list[list[Event]] = [[]]
+    judged: set[str] = set()
+    for event in events:
+        if event.user_id in judged and (
+            event.event_type in config.tag_rules or event.event_type in config.event_windows
+        ):
+            pieces.append([])
+            judged = set()
+        pieces[-1].append(event)
+        if any(c.audience.kind == "segment" for c in config.by_trigger.get(event.event_type, ())):
+            judged.add(event.user_id)
+    return pieces
+
+
 async def handle(rt, out, events: list[Event]) -> None:
-    """Agent glue: conversions first (they read touches from Redis), then new messages."""
+    """Agent glue: conversions first (they read touches from Redis), then behaviour, then new messages."""
     converting = [e for e in events if e.event_type in rt.config.by_conversion]
     if converting:
         for event, touches in zip(
@@ -100,8 +169,11 @@ async def handle(rt, out, events: list[Event]) -> None:
         ):
             for outcome in attribute_conversion(event, rt.config.by_conversion[event.event_type], touches):
                 out.outcome(outcome)
-    for event in events:
-        for message in match_event(event, rt.config.by_trigger.get(event.event_type, [])):
-            if message.priority is Priority.high:
-                rt.gate.note_urgent()
-            out.send(topics.MATCHED.name, message.user_id, message)
+    for piece in in_order(events, rt.config):
+        await observe(rt, out, piece)
+        members = await segment_verdicts(rt, piece)
+        for event in piece:
+            for message in match_event(event, rt.config.by_trigger.get(event.event_type, []), members):
+                if message.priority is Priority.high:
+                    rt.gate.note_urgent()
+                out.send(topics.MATCHED.name, message.user_id, message)

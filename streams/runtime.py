@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 import mode
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from connectors.audience_store import AudienceStore
 from connectors.channels.base import ChannelAdapter, adapter_class
 from connectors.kafka import partitions as kafka_partitions
 from connectors.policy_store import PolicyStore
+from connectors.profiles import Profiles
 from connectors.state import Coalesced, State
 from infra import topics
 from infra.settings import Settings
@@ -149,6 +151,8 @@ class Runtime(mode.Service):
 
     async def on_start(self) -> None:
         self.user_state = State(self.settings.redis)
+        self.profiles = Profiles(self.user_state.redis)
+        self.audience = AudienceStore(self.settings.redis)
         # Sends recorded as they happen (a receipt may come right back), many per round trip.
         self.record_send = Coalesced(self.user_state.record_sends)
         self.policy = PolicyStore(self.settings.redis)
@@ -216,6 +220,7 @@ class Runtime(mode.Service):
             await self.producer.stop()
         if self.user_state is not None:
             await self.user_state.close()
+            await self.audience.close()
         if self.policy is not None:
             await self.policy.close()
         if self.warehouse is not None:

@@ -135,3 +135,10 @@ def max_window(node: Node) -> dt.timedelta:
         case PerformedWithout(lookback=lookback):
             return lookback.delta
     return max((max_window(child) for child in children(node)), default=dt.timedelta(0))
+
+
+def referenced_packages(node: Node) -> set[str]:
+    """Every uploaded package the segment looks in: what a caller must look up per user."""
+    if isinstance(node, InPackage):
+        return {node.package_id}
+    return set().union(*(referenced_packages(child) for child in children(node)))

@@ -20,10 +20,18 @@ class StageSpec:
     outputs: tuple[str, ...]
     # JSON is accepted only where outside producers write (the events topic).
     accepts_json: bool = False
+    # A second reader of a topic leaves undecodable records to the first, which dead-letters them once.
+    dead_letters: bool = True
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("match", (topics.EVENTS,), models.Event, (topics.MATCHED.name, topics.OUTCOMES.name), True),
+    StageSpec(
+        "match",
+        (topics.EVENTS,),
+        models.Event,
+        (topics.MATCHED.name, topics.OUTCOMES.name, topics.TAG_CHANGES.name),
+        True,
+    ),
     StageSpec("render", (topics.MATCHED,), models.MatchedMessage, (topics.RENDERED.name, topics.OUTCOMES.name)),
     StageSpec(
         "throttle",
@@ -38,6 +46,9 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec("feedback", (topics.OUTCOMES,), models.Outcome, ("clickhouse:outcomes",)),
     StageSpec("feedback.dlq", (topics.DLQ,), models.DeadLetter, ("clickhouse:dead_letters",)),
+    # Behaviour and tag history for segments counted in ClickHouse and rebuilt by the Spark jobs.
+    StageSpec("feedback.events", (topics.EVENTS,), models.Event, ("clickhouse:user_events",), True, False),
+    StageSpec("feedback.tags", (topics.TAG_CHANGES,), models.TagChange, ("clickhouse:user_tag_changes",)),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

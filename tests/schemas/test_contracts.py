@@ -81,6 +81,9 @@ SAMPLES: list[BaseModel] = [
         occurred_at=T,
     ),
     models.ConfigRecord(kind=models.ConfigKind.template, id="t1", version=3, body="{}"),
+    models.TagChange(
+        user_id="u1", tag="price_sensitive", change=models.TagChangeKind.added, source="r1", occurred_at=T
+    ),
 ]
 
 AVRO_TO_PY = {"string": str, "long": int, "int": int, "double": float, "boolean": bool, "bytes": bytes}

@@ -86,3 +86,41 @@ def test_attribution_window(delta, window, converts) -> None:
 def test_no_touch_no_conversion() -> None:
     c = campaign(conversion_event="order_paid")
     assert attribute_conversion(event("order_paid", at=T), [c], {}) == []
+
+
+def _event(user: str, kind: str, n: int = 0, **properties) -> Event:
+    return Event(event_id=f"{user}{kind}{n}", event_type=kind, user_id=user, occurred_at=T, properties=properties)
+
+
+def test_a_trigger_never_sees_a_tag_its_user_earns_later_in_the_batch() -> None:
+    from schemas.config import SegmentDocument, TagRule
+    from streams.config_store import ConfigStore
+    from streams.match import in_order
+
+    store = ConfigStore()
+    store.put(TagRule(id="r", event_type="coupon", add=["deal"]))
+    store.put(SegmentDocument(id="s", name="s", root={"type": "has_tag", "tag": "deal"}))
+    store.put(
+        Campaign(
+            id="c", name="c", trigger=Trigger(event_type="cart"), channel="x", template_id="t",
+            audience=Audience(kind="segment", segment_id="s"),
+        )
+    )  # fmt: skip
+    batch = [_event("a", "cart", 1), _event("b", "coupon"), _event("a", "coupon"), _event("a", "cart", 2)]
+    pieces = in_order(batch, store)
+    assert [[e.event_id for e in p] for p in pieces] == [["acart1", "bcoupon0"], ["acoupon0", "acart2"]]
+
+
+def test_tag_rules_as_data_last_rule_wins() -> None:
+    from schemas.config import TagRule
+    from streams.tags import tag_effects
+
+    rules = [
+        TagRule(id="a", event_type="membership", add=["member"]),
+        TagRule(id="b", event_type="membership", when={"price_type": "full"}, add=["full_price"], remove=["deal"]),
+    ]
+    assert tag_effects(_event("u", "membership", price_type="full"), rules) == {
+        "member": (True, "a"), "full_price": (True, "b"), "deal": (False, "b"),
+    }  # fmt: skip
+    assert tag_effects(_event("u", "membership", price_type="discount"), rules) == {"member": (True, "a")}
+    assert tag_effects(_event("u", "login"), rules) == {}
