@@ -48,7 +48,7 @@ class Settings(BaseSettings):
 
     daily_cap: int = 5
     # Provider sends in flight per worker, granted to urgent messages first (streams.priority).
-    dispatch_slots: int = 64
+    dispatch_slots: int = 128
     # Off only to measure what priority routing buys (`loopcast bench policy`).
     priority_routing: bool = True
     # Global quiet hours in each user's local time ("22:00-08:00", or "off"); campaigns may replace them.

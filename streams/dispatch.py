@@ -29,8 +29,10 @@ def claim_id(message: RenderedMessage) -> str:
     return message.message_id if message.attempt == 1 else f"{message.message_id}#{message.attempt}"
 
 
-def route_key(channel: Channel, index: int) -> str:
-    return f"{channel.id}/{index}:{channel.routes()[index].provider}"
+def route_keys(channel: Channel) -> tuple[list[str], list[float]]:
+    """The channel's provider routes as breaker keys, with their weights."""
+    routes = channel.routes()
+    return [f"{channel.id}/{i}:{r.provider}" for i, r in enumerate(routes)], [r.weight for r in routes]
 
 
 def outcome_for(message: RenderedMessage, provider: str, result: DeliveryResult, attempt: int) -> Outcome:
@@ -122,8 +124,7 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
         out.outcome(outcome)
         await settle(rt, out, message, outcome, False)
         return
-    keys = [route_key(channel, i) for i in range(len(channel.routes()))]
-    weights = [r.weight for r in channel.routes()]
+    keys, weights = route_keys(channel)
     failed = set(message.failed_providers) & set(keys)
     attempt, retry_after, tried = message.attempt, None, False
     while True:

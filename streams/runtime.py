@@ -142,6 +142,7 @@ class Runtime(mode.Service):
         self.owns_warehouse = owns_warehouse
         self.serve_http = serve_http
         self._adapters: dict[tuple[str, int], ChannelAdapter] = {}
+        self._adapter_source: dict[tuple[str, int], object] = {}
         # Provider health per route (circuit breakers), shared by every dispatch tier of this worker.
         self.routes = Routes()
         self._http_runner = None
@@ -193,16 +194,21 @@ class Runtime(mode.Service):
     def adapter(self, channel_id: str, route: int = 0) -> ChannelAdapter:
         """One adapter per provider route of a channel, built on first use, rebuilt when the
         channel's config changes."""
-        channel = self.config.channel(channel_id)
-        if channel is None:
+        config = self.config.channel(channel_id)
+        if config is None:
             raise LookupError(f"channel {channel_id!r} not configured")
-        channel = channel.for_route(route)
         cached = self._adapters.get((channel_id, route))
+        # The config store keeps one object per version of a channel: the same object, the same adapter.
+        if cached is not None and self._adapter_source.get((channel_id, route)) is config:
+            return cached
+        channel = config.for_route(route)
         if cached is not None and cached.channel == channel:
+            self._adapter_source[(channel_id, route)] = config
             return cached
         cls = adapter_class(channel.provider)
         adapter = cls(channel, cls.credentials_from(self.settings))
         self._adapters[(channel_id, route)] = adapter
+        self._adapter_source[(channel_id, route)] = config
         if cached is not None:
             asyncio.ensure_future(cached.close())
         return adapter
