@@ -26,24 +26,25 @@ _STATUS: dict[int, Status] = {0: "admitted", 1: "duplicate", 2: "capped"}
 # One call decides a whole batch, request by request, in order, so later requests see what earlier ones
 # counted. Layout:
 #   KEYS: per request, its dedup key then one key per check.
-#   ARGV: per request, message id, dedup ttl ms, number of checks, then per check:
-#         limit, window ms (0 = a local-day SET, > 0 = a rolling ZSET), key ttl ms, rule.
-#   ARGV[1] is now_ms (the caller's clock, so every worker and the tests agree on "now").
+#   ARGV[1]: now_ms (the caller's clock, so every worker and the tests agree on "now").
+#   ARGV[2]: JSON, per request [message id, dedup ttl ms, [[limit, window ms (0 = a local-day SET,
+#            > 0 = a rolling ZSET), key ttl ms, rule], ...]] — one argument for the batch, because
+#            redis-py packing a dozen arguments per message cost more than the script (bench policy).
 # Per request: an existing dedup claim → duplicate (nothing counted). Otherwise every check is evaluated
 # before anything is written, so a request capped by any check counts in none (all-or-nothing). A message
 # id already in a cap key passes that check without counting twice: a redelivery keeps its answer.
 _ADMIT_SCRIPT = """
 local now = tonumber(ARGV[1])
-local a = 2
+local requests = cjson.decode(ARGV[2])
 local k = 1
 local out = {}
-while a <= #ARGV do
-  local member = ARGV[a]
-  local dedup_ttl = tonumber(ARGV[a + 1])
-  local n = tonumber(ARGV[a + 2])
+for _, request in ipairs(requests) do
+  local member = request[1]
+  local dedup_ttl = request[2]
+  local checks = request[3]
+  local n = #checks
   local dedup_key = KEYS[k]
   local first_key = k + 1
-  local first_arg = a + 3
   local status = 0
   local rule = ''
   if redis.call('EXISTS', dedup_key) == 1 then
@@ -51,9 +52,9 @@ while a <= #ARGV do
   else
     for c = 0, n - 1 do
       local key = KEYS[first_key + c]
-      local p = first_arg + 4 * c
-      local limit = tonumber(ARGV[p])
-      local window = tonumber(ARGV[p + 1])
+      local check = checks[c + 1]
+      local limit = check[1]
+      local window = check[2]
       local ok
       if window > 0 then
         -- Entries at or before now - window have left the window; pruning them is not "counting".
@@ -64,29 +65,28 @@ while a <= #ARGV do
       end
       if not ok then
         status = 2
-        rule = ARGV[p + 3]
+        rule = check[4]
         break
       end
     end
     if status == 0 then
       for c = 0, n - 1 do
         local key = KEYS[first_key + c]
-        local p = first_arg + 4 * c
-        if tonumber(ARGV[p + 1]) > 0 then
+        local check = checks[c + 1]
+        if check[2] > 0 then
           -- NX keeps the first time a message was counted, so a redelivery cannot extend its stay.
           redis.call('ZADD', key, 'NX', ARGV[1], member)
         else
           redis.call('SADD', key, member)
         end
-        redis.call('PEXPIRE', key, ARGV[p + 2])
+        redis.call('PEXPIRE', key, string.format('%d', check[3]))
       end
-      redis.call('SET', dedup_key, member, 'PX', dedup_ttl)
+      redis.call('SET', dedup_key, member, 'PX', string.format('%d', dedup_ttl))
     end
   end
   out[#out + 1] = status
   out[#out + 1] = rule
   k = first_key + n
-  a = first_arg + 4 * n
 end
 return out
 """
@@ -194,14 +194,16 @@ class PolicyStore:
         if not requests:
             return []
         keys: list[str] = []
-        args: list[Any] = [max(r.now_ms for r in requests)]
+        batch: list[Any] = []
         for r in requests:
             keys.append(r.dedup_key)
-            args += [r.message_id, max(1, r.dedup_ttl_s) * 1000, len(r.checks)]
+            checks = []
             for key, limit, rolling_s, ttl_s, rule in r.checks:
                 keys.append(key)
-                args += [limit, (rolling_s or 0) * 1000, max(1, ttl_s) * 1000, rule]
-        raw = await self._admit(keys=keys, args=args)
+                checks.append([limit, (rolling_s or 0) * 1000, max(1, ttl_s) * 1000, rule])
+            batch.append([r.message_id, max(1, r.dedup_ttl_s) * 1000, checks])
+        now_ms = max(r.now_ms for r in requests)
+        raw = await self._admit(keys=keys, args=[now_ms, json.dumps(batch, separators=(",", ":"))])
         return [
             Admission(_STATUS[int(raw[i])], raw[i + 1].decode() if raw[i + 1] else None) for i in range(0, len(raw), 2)
         ]

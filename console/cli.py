@@ -382,6 +382,18 @@ def bench_render(messages: Annotated[int, typer.Option(help="Messages rendered p
     run_render_bench(console, messages=messages)
 
 
+@bench_app.command("audience")
+def bench_audience(
+    users: Annotated[int, typer.Option(help="Generated users.")] = 10_000_000,
+    events: Annotated[int, typer.Option(help="Generated events.")] = 100_000_000,
+    broadcast: Annotated[int, typer.Option(help="Members of the broadcast segment.")] = 1_000_000,
+) -> None:
+    """Segment build in Spark vs chDB, bitmap audience sizes, membership checks, broadcast fan-out."""
+    from console.bench_audience import run_audience_bench
+
+    run_audience_bench(Settings(), console, users=users, events=events, broadcast=broadcast)
+
+
 @bench_app.command("dispatch")
 def bench_dispatch(
     sends: Annotated[int, typer.Option(help="Messages sent in the throughput run.")] = 30_000,

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pyroaring import BitMap
 
 from connectors.audience_store import AudienceStore, segment_bitmap_key
+from connectors.kafka import send_keyed
 from infra import topics
 from infra.settings import Settings
 from schemas.config import Campaign
@@ -243,8 +244,9 @@ async def broadcast(
             found = [u for u in user_ids if u is not None]
             missing += len(user_ids) - len(found)
             messages = build_messages(campaign, broadcast_id, segment_id, found, state.started_at)
-            sends = [await producer.send(topics.MATCHED.name, encode(m), key=m.user_id.encode()) for m in messages]
-            pending.append((ints[-1], len(ints), asyncio.gather(*sends)))
+            records = [(m.user_id.encode(), encode(m)) for m in messages]
+            sends = await send_keyed(producer, topics.MATCHED.name, records)
+            pending.append((ints[-1], len(ints), asyncio.ensure_future(_count_acked(sends, len(records)))))
             while len(pending) >= in_flight:
                 await settle_oldest()
         while pending:
@@ -254,6 +256,12 @@ async def broadcast(
             acks.cancel()
     await store.redis.hset(meta_key(broadcast_id), mapping={"status": "done", "finished_at": now_utc().isoformat()})
     return report(produced, missing, done=True)
+
+
+async def _count_acked(acks: list[asyncio.Future], records: int) -> list[None]:
+    """Resolves once every batch of the chunk is acknowledged; one entry per record (the report counts them)."""
+    await asyncio.gather(*acks)
+    return [None] * records
 
 
 async def run_broadcast(
