@@ -8,9 +8,10 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 from functools import lru_cache
 
+from connectors.channels.base import adapter_class
 from connectors.policy_store import AdmitRequest
 from infra import topics
-from schemas.config import Campaign
+from schemas.config import Campaign, Channel
 from schemas.contracts import encode
 from schemas.models import Outcome, OutcomeCode, Priority, RenderedMessage, now_utc
 from streams.policy import (
@@ -36,6 +37,16 @@ def parse_quiet_hours(text: str) -> QuietHours:
         return QuietHours(enabled=False)
     start, _, end = text.partition("-")
     return QuietHours(start=time.fromisoformat(start.strip()), end=time.fromisoformat(end.strip()))
+
+
+def push_vendor(channel: Channel | None) -> str | None:
+    """The phone maker whose push service the channel's provider is, if any (its daily limits apply)."""
+    if channel is None:
+        return None
+    try:
+        return adapter_class(channel.provider).push_vendor
+    except LookupError:
+        return None
 
 
 def dispatch_topic(message: RenderedMessage) -> str:
@@ -73,6 +84,7 @@ def judge(
     global_quiet: QuietHours,
     default_timezone: str,
     daily_cap: int,
+    vendor: str | None = None,
 ) -> Outcome | tuple[datetime, Outcome] | AdmitRequest:
     """Preferences and quiet hours (pure); a message that passes becomes a request for the atomic
     dedup-and-caps check. A deferral comes back as (release time, deferred outcome)."""
@@ -91,7 +103,7 @@ def judge(
     if when is Timing.defer:
         return until, Outcome.of(message, OutcomeCode.deferred, "throttle", why)
     checks = cap_checks(
-        message.user_id, message.channel, message.campaign_id, None, message.priority, category,
+        message.user_id, message.channel, message.campaign_id, vendor, message.priority, category,
         rules_for(campaign, daily_cap), now, tz,
     )  # fmt: skip
     return AdmitRequest(
@@ -119,6 +131,7 @@ async def handle(rt, out, messages: list[RenderedMessage]) -> None:
             global_quiet=rt.quiet_hours,
             default_timezone=rt.settings.default_timezone,
             daily_cap=rt.settings.daily_cap,
+            vendor=push_vendor(rt.config.channel(message.channel)),
         )
         if isinstance(verdict, Outcome):
             out.outcome(verdict)

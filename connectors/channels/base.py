@@ -124,6 +124,9 @@ class ChannelAdapter(abc.ABC):
     limits: ClassVar[Limits] = Limits()
     returns_provider_ids: ClassVar[bool] = False
     sends_receipts: ClassVar[bool] = False
+    # A phone maker's push service caps marketing pushes per device per day (streams.policy
+    # DEFAULT_VENDOR_LIMITS); its name here makes the throttle count them.
+    push_vendor: ClassVar[str | None] = None
 
     class Credentials(BaseModel):
         """Secrets come from settings, never from a Kafka message."""

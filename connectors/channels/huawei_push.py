@@ -62,6 +62,7 @@ class HuaweiPushAdapter(ChannelAdapter):
     limits = Limits(title_maxlen=40, body_maxlen=80)
     returns_provider_ids = True
     sends_receipts = True
+    push_vendor = "huawei"
 
     class Credentials(BaseModel):
         client_id: str = "100000001"

@@ -60,6 +60,7 @@ class XiaomiPushAdapter(ChannelAdapter):
     limits = Limits(title_maxlen=49, body_maxlen=127)
     returns_provider_ids = True
     sends_receipts = True
+    push_vendor = "xiaomi"
 
     class Credentials(BaseModel):
         app_secret: SecretStr = SecretStr("loopcast-dev-xiaomi-secret")

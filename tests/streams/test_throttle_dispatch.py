@@ -132,3 +132,19 @@ def test_each_attempt_is_claimed_once() -> None:
     first = rendered()
     assert claim_id(first) == "m"
     assert claim_id(first.model_copy(update={"attempt": 3})) == "m#3"
+
+
+def test_a_phone_makers_push_limit_counts_on_its_push_channel() -> None:
+    from schemas.config import Channel
+    from streams.throttle import push_vendor
+
+    huawei = Channel(id="hw", provider="huawei-push", format="push-huawei")
+    assert push_vendor(huawei) == "huawei" and push_vendor(Channel(id="w", provider="webhook")) is None
+    request = judge(
+        rendered(), campaign(), Preferences(), now=NOW, global_quiet=QuietHours(enabled=False),
+        default_timezone="UTC", daily_cap=5, vendor=push_vendor(huawei),
+    )  # fmt: skip
+    assert [(key.split(":")[1], limit) for key, limit, *_ in request.checks] == [
+        ("user_daily", 5),
+        ("vendor_push_daily", 2),
+    ]
