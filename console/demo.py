@@ -1,5 +1,10 @@
 """The e-commerce demo: a small shop, a cart-abandonment campaign, shoppers who react.
 
+Warm-up: claiming a coupon tags a shopper price-sensitive (a tag rule); adding to cart then brings
+a preview into the in-app inbox of the price-sensitive segment. Peak: the cart reminder, "only N
+left" from live inventory, against a discount, as a bandit. Long tail: unpaid orders hear that
+their discount is extended 24h.
+
 Shoppers act only on what really reached the provider sandbox: they open the tracked link
 (a real HTTP click through Loopcast's redirect) and some pay, which Loopcast attributes back
 to the message. The funnel at the end is read from ClickHouse with SQL.
@@ -25,13 +30,14 @@ from console.services import INFRA, stack
 from infra import topics
 from infra.settings import Settings
 from infra.waiting import wait_for
-from schemas.config import Campaign, CampaignVariant, Channel, Template, Trigger
+from schemas.config import Audience, Campaign, CampaignVariant, Channel, SegmentDocument, TagRule, Template, Trigger
 from schemas.models import Event, Priority
 from streams.copy.variants import Experiment
 from streams.policy import QuietHours
 
 CART = "cart-abandon"
 UNPAID = "unpaid-order"
+WARMUP = "warmup-preview"
 CAMPAIGNS = (CART, UNPAID)
 FIRST_NAMES = ["Lin", "Wei", "Mei", "Jun", "Ana", "Sam", "Yuki", "Omar", "Lea", "Ravi", "小红", "明"]
 CITIES = ["Shanghai", "Hangzhou", "Shenzhen", "Berlin", "Austin", "Osaka"]
@@ -89,6 +95,27 @@ def documents(settings: Settings) -> list:
     # The sandbox stands in for the shop app's push relay: the webhook provider, app-push format rules.
     link = "https://shop.example/p/${product_id}?utm_campaign=cart-abandon"
     return [
+        # Warm-up: behaviour tags shoppers (data, not code), a segment selects them, the inbox previews.
+        TagRule(id="coupon-claimed", event_type="coupon_claimed", add=["price_sensitive"]),
+        SegmentDocument(
+            id="price-sensitive", name="Price-sensitive shoppers", root={"type": "has_tag", "tag": "price_sensitive"}
+        ),
+        Channel(id="shop-inbox", provider="inbox", format="inbox", brand="Loopshop"),
+        Template(
+            id="warmup-preview",
+            title="Preview: ${product_name} in the sale",
+            body='${name!"Hi"}, ${product_name} from your cart joins tomorrow\'s sale at ¥${price}.',
+        ),
+        Campaign(
+            id=WARMUP,
+            name="Warm-up: sale preview for price-sensitive shoppers",
+            trigger=Trigger(event_type="cart_add"),
+            audience=Audience(kind="segment", segment_id="price-sensitive"),
+            channel="shop-inbox",
+            template_id="warmup-preview",
+            quiet_hours=QuietHours(enabled=False),
+            daily_cap=3,
+        ),
         Channel(
             id="shop-app",
             provider="webhook",
@@ -148,6 +175,31 @@ def documents(settings: Settings) -> list:
             attribution_window_hours=24,
         ),
     ]
+
+
+def warmup_events(shop: Shop, seed: int) -> tuple[list[Event], int]:
+    """Some shoppers claim a coupon (and become price-sensitive), then add to cart; returns the
+    events and how many cart adds come from price-sensitive shoppers (the previews owed)."""
+    rng = random.Random(seed + 2)
+    now = datetime.now(UTC)
+    events, owed = [], 0
+    for profile in shop.profiles:
+        user_id = profile["user_id"]
+        coupon = rng.random() < 0.4
+        if coupon:
+            events.append(
+                Event(event_id=f"coupon-{user_id}", event_type="coupon_claimed", user_id=user_id, occurred_at=now)
+            )
+        if rng.random() < 0.5:
+            product_id, name, price = rng.choice(PRODUCTS)
+            events.append(
+                Event(
+                    event_id=f"add-{user_id}", event_type="cart_add", user_id=user_id, occurred_at=now,
+                    properties={"product_id": product_id, "product_name": name, "price": price},
+                )
+            )  # fmt: skip
+            owed += coupon
+    return events, owed
 
 
 def trigger_events(shop: Shop, seed: int) -> list[Event]:
@@ -249,6 +301,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
     with console.status("starting Kafka, Redis, the provider sandbox and a worker…"):
         local.up([*INFRA, "sandbox", "worker"])
     shop = make_shop(users, seed)
+    warmup, previews = warmup_events(shop, seed)
     events = trigger_events(shop, seed)
     shoppers = Shoppers(seed=seed)
 
@@ -262,13 +315,14 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
         await state.put_profiles(shop.profiles)
         await state.close()
         await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents(settings)])
+        await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in warmup])
         await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events])
         await produce_raw(settings.bootstrap, topics.EVENTS.name, [(None, bad) for bad in MALFORMED])
 
     asyncio.run(setup())
     console.log(
-        f"shop: {users} shoppers, {len(PRODUCTS)} products; {len(events)} cart_abandoned events "
-        f"and {len(MALFORMED)} malformed ones produced"
+        f"shop: {users} shoppers, {len(PRODUCTS)} products; {len(warmup)} warm-up events (coupons, cart adds), "
+        f"{len(events)} cart_abandoned / order_unpaid events and {len(MALFORMED)} malformed ones produced"
     )
 
     wh = warehouse.connect(settings)
@@ -284,6 +338,12 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
                 return int(row.get("targeted") or 0) >= len(events)
 
             wait_for(all_terminal, timeout_s=180, what="every message to reach a terminal outcome")
+
+            def previews_settled() -> bool:
+                rows = [r for r in warehouse.funnel(wh) if r["campaign_id"] == WARMUP]
+                return bool(rows) and int(rows[0]["targeted"]) >= previews
+
+            wait_for(previews_settled, timeout_s=120, what=f"{previews} warm-up previews to settle")
 
             reacting = progress.add_task("shoppers reacting", total=None)
 
@@ -304,12 +364,23 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
                 )
 
             wait_for(loop_settled, timeout_s=180, interval_s=0.5, what="receipts, clicks and conversions to settle")
-        rows = [r for r in funnel_report(wh) if r["campaign_id"] in CAMPAIGNS]
+        rows = [r for r in funnel_report(wh) if r["campaign_id"] in (WARMUP, *CAMPAIGNS)]
         dead = wh.query("SELECT stage, reason FROM dead_letters FINAL ORDER BY offset")
+        tagged = wh.query("SELECT count() AS n FROM user_tag_changes WHERE tag = 'price_sensitive'")[0]["n"]
+        previewed = wh.query(
+            "SELECT user_id FROM outcomes WHERE campaign_id = {c:String} AND code = 'sent' ORDER BY user_id LIMIT 1",
+            {"c": WARMUP},
+        )
     finally:
         wh.close()
     console.rule("[bold]Funnel (from ClickHouse)")
     print_funnel(console, rows)
+    sample = previewed[0]["user_id"] if previewed else shop.profiles[0]["user_id"]
+    inbox = httpx.get(f"{settings.http_base}/v1/users/{sample}/inbox", timeout=10).json()
+    console.print(
+        f"warm-up: {tagged} shoppers tagged price_sensitive by the coupon rule; {previews} previews owed to the "
+        f"segment; {sample}'s in-app inbox: {len(inbox['items'])} message(s), {inbox['unread']} unread"
+    )
     console.print(f"dead letters kept with their reason: {len(dead)}")
     for letter in dead[:5]:
         console.print(f"  [dim]{letter['stage']}[/]: {letter['reason'][:100]}")
