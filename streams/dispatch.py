@@ -172,6 +172,8 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
         out.outcome(outcome)
         if outcome.code is not OutcomeCode.retrying:
             rt.handed_over.remember(claim, outcome)
+            if outcome.code is OutcomeCode.sent and adapter.delivers_on_accept:
+                out.outcome(Outcome.of(message, OutcomeCode.delivered, "dispatch", provider=adapter.scheme))
             if outcome.code is OutcomeCode.sent:
                 # Right away, not at the end of the batch: a provider's receipt can come back
                 # within milliseconds and must find its message.

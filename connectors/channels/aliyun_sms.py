@@ -12,24 +12,23 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import quote
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
-    bad_signature,
-    http_failure,
     malformed,
+    query_value,
     rejected,
-    transport_failure,
+    require_secret,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -59,31 +58,17 @@ def rpc_signature(secret: str, params: Mapping[str, str], method: str = "POST") 
     return base64.b64encode(mac.digest()).decode()
 
 
-def receipt_token(request: ReceiptRequest) -> str | None:
-    token = request.query.get("token") if request.query else None
-    if token is None:
-        token = (parse_qs(urlsplit(request.url).query).get("token") or [None])[0]
-    return token
-
-
 def strip_signature(body: str, sign_name: str) -> str:
     """The copy engine's sms-cn format prefixes 【brand】; the platform adds 【SignName】 itself."""
     prefix = f"【{sign_name}】"
     return body[len(prefix) :] if body.startswith(prefix) else body
 
 
-def seconds(header: str | None) -> float | None:
-    try:
-        return float(header) if header else None
-    except ValueError:
-        return None  # an HTTP date: the retry's own backoff applies
-
-
 def flow_control_wait(message: str) -> float | None:
     return next((seconds for word, seconds in LIMIT_WINDOWS_S.items() if word in message), None)
 
 
-class AliyunSmsAdapter(ChannelAdapter):
+class AliyunSmsAdapter(HttpAdapter):
     """Options: `template_code` (required, an approved template such as SMS_123456789), `sign_name`
     (default: the channel's brand), `template_param_field` (the template variable that carries the body,
     default `content`), `region` (RegionId, default cn-hangzhou). Receipts: configure the HTTP batch push URL
@@ -104,9 +89,8 @@ class AliyunSmsAdapter(ChannelAdapter):
 
     @classmethod
     def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
-        token = receipt_token(request)
-        if not token or not hmac.compare_digest(token.encode(), credentials.receipt_token.get_secret_value().encode()):
-            raise bad_signature("receipt token missing or wrong")
+        expected = credentials.receipt_token.get_secret_value()
+        require_secret(query_value(request, "token"), expected, reason="receipt token missing or wrong")
         try:
             reports = json.loads(request.body)
             if not isinstance(reports, list):
@@ -140,11 +124,7 @@ class AliyunSmsAdapter(ChannelAdapter):
             raise ValueError(f"channel {channel.id!r}: aliyun-sms needs options 'sign_name' or a brand")
         self.param_field = options.get("template_param_field") or "content"
         self.region = options.get("region") or "cn-hangzhou"
-        self.url = (str(channel.url).rstrip("/") if channel.url else API_ROOT) + "/"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.url = root_url(channel, API_ROOT) + "/"
 
     def params(self, message: RenderedMessage, *, now: float | None = None) -> dict[str, str]:
         content = strip_signature(message.body, self.sign_name)
@@ -170,29 +150,24 @@ class AliyunSmsAdapter(ChannelAdapter):
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         form = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in self.params(message).items())
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        try:
-            async with self.session.post(self.url, data=form.encode(), headers=headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=form.encode(), headers=headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text = response.text
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
         code = answer.get("Code") if isinstance(answer, dict) else None
         if code in THROTTLED:
-            wait = flow_control_wait(str(answer.get("Message", ""))) or seconds(retry_after)
-            return rejected(code, text, retryable=True).model_copy(update={"retry_after_s": wait})
-        if not 200 <= status < 300:
+            wait = flow_control_wait(str(answer.get("Message", ""))) or response.retry_after
+            return rejected(code, text, retryable=True, retry_after=wait)
+        if not response.ok:
             # InvalidAccessKeyId.NotFound (404) and SignatureDoesNotMatch (400) are final; 5xx retries.
-            return http_failure(status, text, retry_after, code=code)
+            return response.failure(code=code)
         if not isinstance(code, str):
             return malformed(text)  # SendSms has no idempotency key: a retry could send twice
         if code != "OK":
             return rejected(code, text, retryable=code in TRANSIENT)
         biz_id = answer.get("BizId")
         return accepted(biz_id, text) if isinstance(biz_id, str) and biz_id else malformed(text)
-
-    async def close(self) -> None:
-        await self.session.close()

@@ -7,7 +7,6 @@ Success is the status line alone (200 + apns-id); errors are {"reason": ...} wit
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
@@ -22,6 +21,7 @@ from connectors.channels.base import (
     ChannelAdapter,
     DeliveryResult,
     Limits,
+    TokenCache,
     accepted,
     http_failure,
     rejected,
@@ -96,17 +96,10 @@ class ApnsAdapter(ChannelAdapter):
             timeout=httpx.Timeout(channel.timeout_s),
             limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
         )
-        self._token: str | None = None
-        self._token_at = 0.0
-        self._token_lock = asyncio.Lock()
+        self.token = TokenCache(self._mint_token)
 
-    async def _provider_token(self, stale: str | None = None) -> str:
-        async with self._token_lock:
-            if self._token and self._token != stale and time.time() - self._token_at < TOKEN_REUSE_S:
-                return self._token
-            self._token_at = time.time()
-            self._token = provider_token(self.credentials, int(self._token_at))
-            return self._token
+    async def _mint_token(self) -> tuple[str, float]:
+        return provider_token(self.credentials, int(time.time())), TOKEN_REUSE_S
 
     def payload(self, message: RenderedMessage) -> dict[str, Any]:
         extra = json.loads(message.extra) if message.extra else {}
@@ -135,24 +128,25 @@ class ApnsAdapter(ChannelAdapter):
             "apns-expiration": str(int(time.time()) + self.expiration_s if self.expiration_s else 0),
         }
         url = f"{self.root}/3/device/{message.address}"
-        token: str | None = None
+
+        async def post(token: str) -> httpx.Response:
+            return await self.client.post(url, content=body, headers={**headers, "authorization": f"bearer {token}"})
+
+        def expired(response: httpx.Response) -> bool:  # mint a fresh token once
+            return response.status_code == 403 and _reason(response.text) == "ExpiredProviderToken"
+
         try:
-            for attempt in range(2):
-                token = await self._provider_token(stale=token if attempt else None)
-                response = await self.client.post(
-                    url, content=body, headers={**headers, "authorization": f"bearer {token}"}
-                )
-                reason = _reason(response.text)
-                if response.status_code == 403 and reason == "ExpiredProviderToken" and attempt == 0:
-                    continue  # mint a fresh token once
-                break
+            response = await self.token.call(post, expired)
         except httpx.TimeoutException as exc:
             return transport_failure(TimeoutError(repr(exc)))
         except httpx.HTTPError as exc:
             return transport_failure(exc)
+        if isinstance(response, DeliveryResult):
+            return response
         if response.status_code == 200:
             # The status line is the answer; APNs' body is empty and anything in it is ignored.
             return accepted(response.headers.get("apns-id") or our_id, response.text)
+        reason = _reason(response.text)
         return http_failure(response.status_code, response.text, response.headers.get("retry-after"), code=reason)
 
     async def close(self) -> None:

@@ -6,12 +6,19 @@ Adding a provider is one module here plus one registry entry: no central switch 
 from __future__ import annotations
 
 import abc
+import asyncio
+import functools
+import hmac
 import importlib
-from collections.abc import Mapping
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict
 
 from schemas.config import Channel
@@ -40,27 +47,46 @@ def accepted(provider_message_id: str | None, raw: str | None = None) -> Deliver
     )
 
 
-def rejected(error_code: str, raw: str | None = None, *, retryable: bool = False) -> DeliveryResult:
-    """The provider answered and said no (a business error code in its own format)."""
+def seconds(value: str | float | None) -> float | None:
+    """A Retry-After in seconds; None when absent or an HTTP date (the retry's own backoff applies)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def rejected(
+    error_code: str, raw: str | None = None, *, retryable: bool = False, retry_after: str | float | None = None
+) -> DeliveryResult:
+    """The provider answered and said no (a business error code in its own format); a retryable one
+    waits at least `retry_after` seconds when given."""
     return DeliveryResult(
-        status=DeliveryStatus.failed, error_code=error_code, retryable=retryable, raw=(raw or "")[:500]
+        status=DeliveryStatus.failed,
+        error_code=error_code,
+        retryable=retryable,
+        raw=(raw or "")[:500],
+        retry_after_s=seconds(retry_after) if retryable else None,
     )
 
 
 def http_failure(
-    status: int, raw: str | None = None, retry_after: str | None = None, code: str | None = None
+    status: int,
+    raw: str | None = None,
+    retry_after: str | None = None,
+    code: str | None = None,
+    *,
+    transient: bool = False,
 ) -> DeliveryResult:
-    """A non-2xx answer: 429 and 5xx are worth retrying (429 after its Retry-After), other 4xx are not."""
-    try:
-        wait = float(retry_after) if retry_after else None
-    except ValueError:
-        wait = None  # an HTTP date; the retry's own backoff applies
+    """A non-2xx answer: 429 and 5xx are worth retrying (429 after its Retry-After), other 4xx are not
+    unless `transient` (the provider's error code says a retry can succeed, e.g. a quota that resets)."""
     return DeliveryResult(
         status=DeliveryStatus.failed,
-        retryable=status == 429 or status >= 500,
+        retryable=status == 429 or status >= 500 or transient,
         error_code=code or f"http_{status}",
         raw=(raw or "")[:500],
-        retry_after_s=wait,
+        retry_after_s=seconds(retry_after),
     )
 
 
@@ -76,6 +102,125 @@ def malformed(raw: str | None, *, retryable: bool = False) -> DeliveryResult:
     return DeliveryResult(
         status=DeliveryStatus.failed, retryable=retryable, error_code="malformed_response", raw=(raw or "")[:500]
     )
+
+
+# --- HTTP mechanics shared by the adapters that speak HTTP through aiohttp -------------------------
+
+
+def http_session(channel: Channel) -> aiohttp.ClientSession:
+    """One pooled session per adapter: the channel's timeout bounds each request."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
+        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+    )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A provider's HTTP answer, read in full; what it means is the provider module's business."""
+
+    status: int
+    text: str
+    headers: Mapping[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def retry_after(self) -> str | None:
+        return self.headers.get("Retry-After")
+
+    def json(self) -> Any:
+        """The body as JSON; raises ValueError when it is not."""
+        return json.loads(self.text)
+
+    def failure(self, code: str | None = None, *, transient: bool = False) -> DeliveryResult:
+        """This (non-2xx) answer as a failed delivery: see `http_failure`."""
+        return http_failure(self.status, self.text, self.retry_after, code=code, transient=transient)
+
+    def unreadable(self, *, retryable: bool = False) -> DeliveryResult:
+        """A body we cannot read: the status decides on an error status, else it is `malformed`."""
+        return self.failure() if not self.ok else malformed(self.text, retryable=retryable)
+
+
+async def request(session: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Answer | DeliveryResult:
+    """One HTTP exchange: the provider's answer, or a `transport_failure` when none came."""
+    try:
+        async with session.request(method, url, **kwargs) as response:
+            text = await response.text()
+            return Answer(response.status, text, response.headers)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        return transport_failure(exc)
+
+
+def errcode_result(answer: Answer, retryable: set[int]) -> DeliveryResult:
+    """The answer in the `errcode` convention (WeCom, DingTalk): HTTP 200 with {"errcode": 0} on success,
+    another errcode for a business error; a `retryable` one waits for the Retry-After when there is one."""
+    if not answer.ok:
+        return answer.failure()
+    try:
+        code = int(answer.json()["errcode"])
+    except (ValueError, KeyError, TypeError):
+        return malformed(answer.text)
+    if code == 0:
+        return accepted(None, answer.text)
+    return rejected(str(code), answer.text, retryable=code in retryable, retry_after=answer.retry_after)
+
+
+def root_url(channel: Channel, default: str) -> str:
+    """The provider's API root: the channel's `url` (a sandbox, a proxy, a region) or the public one."""
+    return str(channel.url).rstrip("/") if channel.url else default
+
+
+def message_extra(message: RenderedMessage) -> dict[str, Any]:
+    """The copy engine's `extra` object; {} when absent or not a JSON object."""
+    try:
+        extra = json.loads(message.extra) if message.extra else {}
+    except ValueError:
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
+T = TypeVar("T")
+
+
+class TokenCache:
+    """An access token shared by an adapter's concurrent sends: fetched when missing or past its
+    lifetime, and fetched afresh once when the provider refuses the one it was given.
+
+    `fetch()` returns (token, seconds it may be kept: the provider's lifetime less a safety margin), or a
+    DeliveryResult saying why there is none (the send fails with it)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[str, float] | DeliveryResult]]) -> None:
+        self._fetch = fetch
+        self._lock = asyncio.Lock()
+        self.value: str | None = None
+        self.expires = 0.0  # time.monotonic()
+
+    async def get(self, stale: str | None = None) -> str | DeliveryResult:
+        """The cached token, or a new one; `stale` is one the provider refused (renewed once, whoever asks)."""
+        async with self._lock:
+            if self.value and self.value != stale and time.monotonic() < self.expires:
+                return self.value
+            fetched = await self._fetch()
+            if isinstance(fetched, DeliveryResult):
+                return fetched
+            self.value, lifetime = fetched
+            self.expires = time.monotonic() + lifetime
+            return self.value
+
+    async def call(self, use: Callable[[str], Awaitable[T]], refused: Callable[[T], bool]) -> T | DeliveryResult:
+        """`use(token)`; once more with a fresh token when `refused(outcome)` says the token was the problem."""
+        stale: str | None = None
+        while True:
+            token = await self.get(stale)
+            if isinstance(token, DeliveryResult):
+                return token
+            outcome = await use(token)
+            if stale is not None or not refused(outcome):
+                return outcome
+            stale = token
 
 
 class Receipt(BaseModel):
@@ -111,6 +256,21 @@ def bad_signature(reason: str = "signature does not verify") -> ReceiptRejected:
     return ReceiptRejected(reason, status=401)
 
 
+def query_value(request: ReceiptRequest, name: str) -> str | None:
+    """A query parameter of the callback URL (from the parsed query, else from the URL itself)."""
+    value = request.query.get(name) if request.query else None
+    if value is None:
+        value = (parse_qs(urlsplit(request.url).query).get(name) or [None])[0]
+    return value
+
+
+def require_secret(given: str | None, *expected: str, reason: str) -> None:
+    """For providers that do not sign callbacks: the shared secret the callback carries (in its URL or an
+    Authorization header) must be one of `expected`, compared in constant time; else `bad_signature`."""
+    if not given or not any(hmac.compare_digest(given.encode(), e.encode()) for e in expected):
+        raise bad_signature(reason)
+
+
 class Limits(BaseModel):
     model_config = ConfigDict(frozen=True)
     body_maxlen: int | None = None
@@ -127,6 +287,8 @@ class ChannelAdapter(abc.ABC):
     # A phone maker's push service caps marketing pushes per device per day (streams.policy
     # DEFAULT_VENDOR_LIMITS); its name here makes the throttle count them.
     push_vendor: ClassVar[str | None] = None
+    # The provider is the destination itself (the in-app inbox): accepted is delivered.
+    delivers_on_accept: ClassVar[bool] = False
 
     class Credentials(BaseModel):
         """Secrets come from settings, never from a Kafka message."""
@@ -162,6 +324,21 @@ class ChannelAdapter(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+class HttpAdapter(ChannelAdapter):
+    """An adapter that speaks HTTP: one pooled aiohttp session (opened on first use, closed by `close`)."""
+
+    @functools.cached_property
+    def session(self) -> aiohttp.ClientSession:
+        return http_session(self.channel)
+
+    async def request(self, method: str, url: Any, **kwargs: Any) -> Answer | DeliveryResult:
+        return await request(self.session, method, url, **kwargs)
+
+    async def close(self) -> None:
+        if "session" in self.__dict__:
+            await self.session.close()
 
 
 # scheme -> "module:Class"; imported on first use so a provider's SDK loads only when configured.

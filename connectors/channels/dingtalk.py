@@ -13,19 +13,16 @@ import time
 from typing import Any
 from urllib.parse import quote_plus
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 from yarl import URL
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
-    accepted,
-    http_failure,
-    malformed,
-    rejected,
-    transport_failure,
+    errcode_result,
+    message_extra,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -52,22 +49,7 @@ def verify(secret: str, timestamp: str | None, signature: str | None, *, now_ms:
     return hmac.compare_digest(sign(secret, stamp), signature or "")
 
 
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
-class DingtalkAdapter(ChannelAdapter):
+class DingtalkAdapter(HttpAdapter):
     """The robot posts to its own group, so the address is not used. Option `button_text` labels the
     actionCard button used when the message has a link (default 查看详情)."""
 
@@ -83,15 +65,11 @@ class DingtalkAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        self.url = (str(channel.url).rstrip("/") if channel.url else API_ROOT) + "/robot/send"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.url = root_url(channel, API_ROOT) + "/robot/send"
 
     def payload(self, message: RenderedMessage) -> dict[str, Any]:
         # The title shows in the chat list and notification, not in the message itself.
-        plain = _extra(message).get("body_text") or message.body
+        plain = message_extra(message).get("body_text") or message.body
         title = truncate(message.title or plain.split("\n", 1)[0], 256)
         text = truncate(message.body, 20_000, unit="bytes")
         if message.link:
@@ -114,25 +92,5 @@ class DingtalkAdapter(ChannelAdapter):
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(self.payload(message), ensure_ascii=False).encode()
-        try:
-            async with self.session.post(
-                self.signed_url(), data=body, headers={"Content-Type": "application/json"}
-            ) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after)
-        try:
-            code = int(json.loads(text)["errcode"])
-        except (ValueError, KeyError, TypeError):
-            return malformed(text)
-        if code == 0:
-            return accepted(None, text)
-        result = rejected(str(code), text, retryable=code in RETRYABLE)
-        if code in RETRYABLE and _seconds(retry_after) is not None:
-            result = result.model_copy(update={"retry_after_s": _seconds(retry_after)})
-        return result
-
-    async def close(self) -> None:
-        await self.session.close()
+        answer = await self.request("POST", self.signed_url(), data=body, headers={"Content-Type": "application/json"})
+        return answer if isinstance(answer, DeliveryResult) else errcode_result(answer, RETRYABLE)

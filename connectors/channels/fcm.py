@@ -6,24 +6,23 @@ Errors come in Google's format; the FcmError `errorCode` in `details` is the one
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
 
-import aiohttp
 import jwt
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
+    Answer,
     DeliveryResult,
+    HttpAdapter,
     Limits,
+    TokenCache,
     accepted,
-    http_failure,
     malformed,
     rejected,
-    transport_failure,
+    root_url,
 )
 from connectors.channels.devkeys import dev_private_key
 from schemas.config import Channel
@@ -64,7 +63,7 @@ def fcm_error(text: str) -> str | None:
         return None
 
 
-class FcmAdapter(ChannelAdapter):
+class FcmAdapter(HttpAdapter):
     """Options: `project_id` (else the service account's), `ttl_s` (Android TTL, default FCM's 4 weeks),
     `android_channel_id` (Android notification channel)."""
 
@@ -103,17 +102,11 @@ class FcmAdapter(ChannelAdapter):
             raise ValueError(f"channel {channel.id!r}: fcm needs options.project_id or a service account project_id")
         if not credentials.private_key.get_secret_value():
             raise ValueError(f"channel {channel.id!r}: fcm needs a service account private_key")
-        root = str(channel.url).rstrip("/") if channel.url else "https://fcm.googleapis.com"
+        root = root_url(channel, "https://fcm.googleapis.com")
         self.url = f"{root}/v1/projects/{self.project_id}/messages:send"
         self.ttl_s = channel.options.get("ttl_s")
         self.android_channel_id = channel.options.get("android_channel_id")
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
-        self._token: str | None = None
-        self._token_expires = 0.0
-        self._token_lock = asyncio.Lock()
+        self.token = TokenCache(self._fetch_token)
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         extra = json.loads(message.extra) if message.extra else {}
@@ -145,27 +138,22 @@ class FcmAdapter(ChannelAdapter):
             result["apns"]["payload"] = {"aps": aps}
         return {"message": result}
 
-    async def _access_token(self, stale: str | None = None) -> str | DeliveryResult:
-        """The cached access token, or a new one; `stale` is one FCM refused (renewed once, whoever asks)."""
-        async with self._token_lock:
-            if self._token and self._token != stale and time.time() < self._token_expires:
-                return self._token
-            form = {"grant_type": JWT_BEARER, "assertion": assertion(self.credentials)}
-            async with self.session.post(self.credentials.token_uri, data=form) as response:
-                text, status = await response.text(), response.status
-                retry_after = response.headers.get("Retry-After")
-            if status >= 500 or status == 429:
-                return http_failure(status, text, retry_after)
-            try:
-                answer = json.loads(text)
-            except ValueError:
-                return malformed(text, retryable=True)  # nothing was sent yet
-            if status != 200 or "access_token" not in answer:
-                # invalid_grant / invalid_client: the service account is wrong; retrying will not help.
-                return rejected(str(answer.get("error") or f"token_http_{status}"), text)
-            self._token = str(answer["access_token"])
-            self._token_expires = time.time() + float(answer.get("expires_in", 3600)) - TOKEN_MARGIN_S
-            return self._token
+    async def _fetch_token(self) -> tuple[str, float] | DeliveryResult:
+        """A new OAuth access token for the service account's signed assertion."""
+        form = {"grant_type": JWT_BEARER, "assertion": assertion(self.credentials)}
+        response = await self.request("POST", self.credentials.token_uri, data=form)
+        if isinstance(response, DeliveryResult):
+            return response
+        if response.status >= 500 or response.status == 429:
+            return response.failure()
+        try:
+            answer = response.json()
+        except ValueError:
+            return malformed(response.text, retryable=True)  # nothing was sent yet
+        if response.status != 200 or "access_token" not in answer:
+            # invalid_grant / invalid_client: the service account is wrong; retrying will not help.
+            return rejected(str(answer.get("error") or f"token_http_{response.status}"), response.text)
+        return str(answer["access_token"]), float(answer.get("expires_in", 3600)) - TOKEN_MARGIN_S
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = self.body(message)
@@ -175,31 +163,26 @@ class FcmAdapter(ChannelAdapter):
         if len(counted.encode()) > MAX_PAYLOAD_BYTES:
             return rejected("payload_too_large", f"{len(counted.encode())} bytes")
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        try:
-            token: str | DeliveryResult | None = None
-            for attempt in range(2):
-                token = await self._access_token(stale=token if attempt else None)
-                if isinstance(token, DeliveryResult):
-                    return token
-                headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=UTF-8"}
-                async with self.session.post(self.url, data=payload, headers=headers) as response:
-                    text, status = await response.text(), response.status
-                    retry_after = response.headers.get("Retry-After")
-                if status == 401 and attempt == 0 and fcm_error(text) in (None, "UNAUTHENTICATED"):
-                    continue  # the access token expired or was revoked: one fresh token, one retry
-                break
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            code = fcm_error(text)
-            result = http_failure(status, text, retry_after, code=code)
-            if code in RETRYABLE and not result.retryable:
-                result = result.model_copy(update={"retryable": True})
-            return result
-        try:
-            return accepted(str(json.loads(text)["name"]), text)
-        except (ValueError, KeyError, TypeError):
-            return malformed(text)  # FCM has no idempotency key: a resend could notify twice
 
-    async def close(self) -> None:
-        await self.session.close()
+        async def post(token: str) -> Answer | DeliveryResult:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=UTF-8"}
+            return await self.request("POST", self.url, data=payload, headers=headers)
+
+        def expired(answer: Answer | DeliveryResult) -> bool:
+            # The access token expired or was revoked: one fresh token, one retry.
+            return (
+                isinstance(answer, Answer)
+                and answer.status == 401
+                and fcm_error(answer.text) in (None, "UNAUTHENTICATED")
+            )
+
+        answer = await self.token.call(post, expired)
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
+            code = fcm_error(answer.text)
+            return answer.failure(code=code, transient=code in RETRYABLE)
+        try:
+            return accepted(str(answer.json()["name"]), answer.text)
+        except (ValueError, KeyError, TypeError):
+            return malformed(answer.text)  # FCM has no idempotency key: a resend could notify twice

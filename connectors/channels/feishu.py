@@ -12,18 +12,16 @@ import json
 import time
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
-    http_failure,
-    malformed,
+    message_extra,
     rejected,
-    transport_failure,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -53,22 +51,7 @@ def throttled(code: int, msg: str) -> bool:
     return code in THROTTLED or (code == 9499 and "too many" in msg.lower())
 
 
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
-class FeishuAdapter(ChannelAdapter):
+class FeishuAdapter(HttpAdapter):
     """The bot posts to its own group, so the address is not used; the hook id and signing secret are
     credentials. No options."""
 
@@ -84,17 +67,13 @@ class FeishuAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        self.root = str(channel.url).rstrip("/") if channel.url else API_ROOT
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.root = root_url(channel, API_ROOT)
 
     def payload(self, message: RenderedMessage, now: int | None = None) -> dict[str, Any]:
         stamp = now if now is not None else int(time.time())
         secret = self.credentials.secret.get_secret_value()
         body: dict[str, Any] = {"timestamp": str(stamp), "sign": sign(secret, stamp)}
-        card = _extra(message).get("card")
+        card = message_extra(message).get("card")
         if isinstance(card, dict):
             return {**body, "msg_type": "interactive", "card": card}
         text = "\n\n".join(p for p in (message.title, message.body, message.link) if p)
@@ -103,26 +82,16 @@ class FeishuAdapter(ChannelAdapter):
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(self.payload(message), ensure_ascii=False).encode()
         url = f"{self.root}/open-apis/bot/v2/hook/{self.credentials.hook_id.get_secret_value()}"
+        response = await self.request("POST", url, data=body, headers={"Content-Type": "application/json"})
+        if isinstance(response, DeliveryResult):
+            return response
         try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        try:
-            answer = json.loads(text)
+            answer = response.json()
             code = int(answer["code"] if "code" in answer else answer["StatusCode"])
             msg = str(answer.get("msg") or answer.get("StatusMessage") or "")
         except (ValueError, KeyError, TypeError, AttributeError):
-            return http_failure(status, text, retry_after) if not 200 <= status < 300 else malformed(text)
-        if code == 0 and 200 <= status < 300:
-            return accepted(None, text)
+            return response.unreadable()
         if code == 0:
-            return http_failure(status, text, retry_after)
-        retry = throttled(code, msg) or status == 429 or status >= 500
-        result = rejected(str(code), text, retryable=retry)
-        if retry and _seconds(retry_after) is not None:
-            result = result.model_copy(update={"retry_after_s": _seconds(retry_after)})
-        return result
-
-    async def close(self) -> None:
-        await self.session.close()
+            return accepted(None, response.text) if response.ok else response.failure()
+        retry = throttled(code, msg) or response.status == 429 or response.status >= 500
+        return rejected(str(code), response.text, retryable=retry, retry_after=response.retry_after)

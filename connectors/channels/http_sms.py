@@ -10,22 +10,19 @@ import hmac
 import json
 import time
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
-    http_failure,
     malformed,
     rejected,
-    transport_failure,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -71,7 +68,7 @@ def signed_headers(api_key: str, secret: str, body: bytes, timestamp: int | None
     }
 
 
-class HttpSmsAdapter(ChannelAdapter):
+class HttpSmsAdapter(HttpAdapter):
     """Options: `path` (the send endpoint under the channel's url, default /send), `sender` (sender ID or
     number, default the channel's brand; unset: the gateway's default). The channel url is required: there is
     no public default gateway. DLRs: point the gateway at <loopcast>/receipts/http-sms."""
@@ -112,10 +109,6 @@ class HttpSmsAdapter(ChannelAdapter):
         path = channel.options.get("path") or "/send"
         self.url = str(channel.url).rstrip("/") + "/" + path.lstrip("/")
         self.sender = channel.options.get("sender") or channel.brand
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     def payload(self, message: RenderedMessage) -> bytes:
         request = {"to": message.address, "text": message.body, "sender": self.sender, "ref": message.message_id}
@@ -125,24 +118,19 @@ class HttpSmsAdapter(ChannelAdapter):
         body = self.payload(message)
         secret = self.credentials.api_secret.get_secret_value()
         headers = signed_headers(self.credentials.api_key, secret, body)
-        try:
-            async with self.session.post(self.url, data=body, headers=headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=body, headers=headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text = response.text
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
-        if not 200 <= status < 300:
+        if not response.ok:
             code = answer.get("error") if isinstance(answer, dict) else None
-            return http_failure(status, text, retry_after, code=str(code) if code else None)
+            return response.failure(code=str(code) if code else None)
         if not isinstance(answer, dict) or answer.get("id") in (None, ""):
             return malformed(text)  # not every reseller dedups `ref`: never risk sending twice
         if str(answer.get("status", "queued")).lower() in ("rejected", "failed"):
             return rejected(str(answer.get("error") or "rejected"), text)
         return accepted(str(answer["id"]), text)
-
-    async def close(self) -> None:
-        await self.session.close()

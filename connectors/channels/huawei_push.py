@@ -8,29 +8,26 @@ signed, so the callback is protected by the HTTP basic auth (user + token) Huawe
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import hmac
 import json
-import time
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
+    Answer,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
+    TokenCache,
     accepted,
-    bad_signature,
-    http_failure,
     malformed,
     rejected,
-    transport_failure,
+    require_secret,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import Priority, RenderedMessage
@@ -49,7 +46,16 @@ def basic_auth(user: str, token: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
 
 
-class HuaweiPushAdapter(ChannelAdapter):
+def business_code(answer: Answer) -> tuple[dict[str, Any] | None, str | None]:
+    """The answer's JSON and its business `code`, or (None, None) when it has none."""
+    try:
+        body = answer.json()
+        return body, str(body["code"])
+    except (ValueError, KeyError, TypeError):
+        return None, None
+
+
+class HuaweiPushAdapter(HttpAdapter):
     """Options: `app_id` (default: the OAuth client_id, which is the app id for app-level credentials),
     `oauth_url` (default: <url>/oauth2/v3/token when a url is set, else Huawei's OAuth server), `category`
     (Huawei's message category, e.g. MARKETING or an approved self-classified one), `ttl_s`.
@@ -76,8 +82,7 @@ class HuaweiPushAdapter(ChannelAdapter):
         given = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
         token = credentials.receipt_token.get_secret_value()
         expected = (basic_auth(credentials.receipt_user, token), f"Bearer {token}")
-        if not any(hmac.compare_digest(given.encode(), e.encode()) for e in expected):
-            raise bad_signature("receipt callback authorization does not match")
+        require_secret(given, *expected, reason="receipt callback authorization does not match")
         try:
             statuses = json.loads(request.body)["statuses"]
             return [
@@ -93,7 +98,7 @@ class HuaweiPushAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        root = str(channel.url).rstrip("/") if channel.url else PUSH_API
+        root = root_url(channel, PUSH_API)
         self.app_id = channel.options.get("app_id") or credentials.client_id
         if not self.app_id:
             raise ValueError(f"channel {channel.id!r}: huawei-push needs options.app_id or a client_id")
@@ -101,13 +106,7 @@ class HuaweiPushAdapter(ChannelAdapter):
         self.oauth_url = channel.options.get("oauth_url") or (f"{root}/oauth2/v3/token" if channel.url else OAUTH_URL)
         self.category = channel.options.get("category")
         self.ttl_s = channel.options.get("ttl_s")
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
-        self._token: str | None = None
-        self._token_expires = 0.0
-        self._token_lock = asyncio.Lock()
+        self.token = TokenCache(self._fetch_token)
 
     def body(self, message: RenderedMessage) -> dict[str, Any]:
         extra = json.loads(message.extra) if message.extra else {}
@@ -132,67 +131,46 @@ class HuaweiPushAdapter(ChannelAdapter):
         data = json.dumps({"message_id": message.message_id, "link": message.link}, separators=(",", ":"))
         return {"validate_only": False, "message": {"data": data, "android": android, "token": [message.address]}}
 
-    async def _access_token(self, stale: str | None = None) -> str | DeliveryResult:
-        async with self._token_lock:
-            if self._token and self._token != stale and time.time() < self._token_expires:
-                return self._token
-            form = {
-                "grant_type": "client_credentials",
-                "client_id": self.credentials.client_id,
-                "client_secret": self.credentials.client_secret.get_secret_value(),
-            }
-            async with self.session.post(self.oauth_url, data=form) as response:
-                text, status = await response.text(), response.status
-                retry_after = response.headers.get("Retry-After")
-            if status == 429 or status >= 500:
-                return http_failure(status, text, retry_after)
-            try:
-                answer = json.loads(text)
-            except ValueError:
-                return malformed(text, retryable=True)  # nothing was sent yet
-            if "access_token" not in answer:
-                # A wrong client id or secret: retrying will not help.
-                return rejected(f"oauth_{answer.get('sub_error') or answer.get('error') or status}", text)
-            self._token = str(answer["access_token"])
-            self._token_expires = time.time() + float(answer.get("expires_in", 3600)) - TOKEN_MARGIN_S
-            return self._token
+    async def _fetch_token(self) -> tuple[str, float] | DeliveryResult:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self.credentials.client_id,
+            "client_secret": self.credentials.client_secret.get_secret_value(),
+        }
+        response = await self.request("POST", self.oauth_url, data=form)
+        if isinstance(response, DeliveryResult):
+            return response
+        if response.status == 429 or response.status >= 500:
+            return response.failure()
+        try:
+            answer = response.json()
+        except ValueError:
+            return malformed(response.text, retryable=True)  # nothing was sent yet
+        if "access_token" not in answer:
+            # A wrong client id or secret: retrying will not help.
+            error = answer.get("sub_error") or answer.get("error") or response.status
+            return rejected(f"oauth_{error}", response.text)
+        return str(answer["access_token"]), float(answer.get("expires_in", 3600)) - TOKEN_MARGIN_S
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         payload = json.dumps(self.body(message), ensure_ascii=False, separators=(",", ":")).encode()
         if len(payload) > MAX_PAYLOAD_BYTES:
             return rejected("payload_too_large", f"{len(payload)} bytes")
-        token: str | DeliveryResult | None = None
-        try:
-            for attempt in range(2):
-                token = await self._access_token(stale=token if attempt else None)
-                if isinstance(token, DeliveryResult):
-                    return token
-                headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json;charset=utf-8"}
-                async with self.session.post(self.url, data=payload, headers=headers) as response:
-                    text, status = await response.text(), response.status
-                    retry_after = response.headers.get("Retry-After")
-                try:
-                    answer = json.loads(text)
-                    code = str(answer["code"])
-                except (ValueError, KeyError, TypeError):
-                    answer, code = None, None
-                if code == TOKEN_EXPIRED and attempt == 0:
-                    continue  # one fresh OAuth token, one retry
-                break
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+
+        async def post(token: str) -> Answer | DeliveryResult:
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json;charset=utf-8"}
+            return await self.request("POST", self.url, data=payload, headers=headers)
+
+        def expired(response: Answer | DeliveryResult) -> bool:  # one fresh OAuth token, one retry
+            return isinstance(response, Answer) and business_code(response)[1] == TOKEN_EXPIRED
+
+        response = await self.token.call(post, expired)
+        if isinstance(response, DeliveryResult):
+            return response
+        answer, code = business_code(response)
         if answer is None or code is None:
-            return http_failure(status, text, retry_after) if not 200 <= status < 300 else malformed(text)
+            return response.unreadable()
         if code == SUCCESS:
             request_id = answer.get("requestId")
-            return accepted(str(request_id), text) if request_id else malformed(text)
-        result = rejected(code, text, retryable=code in RETRYABLE)
-        if result.retryable and retry_after:
-            try:
-                result = result.model_copy(update={"retry_after_s": float(retry_after)})
-            except ValueError:
-                pass
-        return result
-
-    async def close(self) -> None:
-        await self.session.close()
+            return accepted(str(request_id), response.text) if request_id else malformed(response.text)
+        return rejected(code, response.text, retryable=code in RETRYABLE, retry_after=response.retry_after)

@@ -38,6 +38,7 @@ class InboxAdapter(ChannelAdapter):
     limits = Limits(title_maxlen=200, body_maxlen=20_000)
     returns_provider_ids = True
     sends_receipts = False
+    delivers_on_accept = True
 
     class Credentials(BaseModel):
         # A URL may carry a password (redis://:pw@host/0), hence secret.

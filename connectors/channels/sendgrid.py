@@ -10,15 +10,14 @@ import json
 import time
 from email.utils import parseaddr
 
-import aiohttp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
@@ -27,7 +26,6 @@ from connectors.channels.base import (
     bad_signature,
     http_failure,
     malformed,
-    transport_failure,
 )
 from connectors.channels.devkeys import dev_private_key, public_key_pem
 from schemas.config import Channel
@@ -94,7 +92,7 @@ def mail_body(message: RenderedMessage, sender: tuple[str, str]) -> dict:
     return body
 
 
-class SendgridAdapter(ChannelAdapter):
+class SendgridAdapter(HttpAdapter):
     """Options: `from` (an RFC 5322 mailbox of a verified sender; default "<brand> <no-reply@example.com>").
 
     Receipts: delivered → delivered; bounce and dropped → undelivered (error code = the bounce
@@ -165,28 +163,19 @@ class SendgridAdapter(ChannelAdapter):
             )
         self.sender = (name, address)
         self.url = f"{str(channel.url or API_ROOT).rstrip('/')}/v3/mail/send"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         headers = {"Authorization": f"Bearer {self.credentials.api_key.get_secret_value()}"}
-        try:
-            async with self.session.post(self.url, json=mail_body(message, self.sender), headers=headers) as response:
-                text = await response.text()
-                status, provider_id = response.status, response.headers.get("X-Message-Id")
-                retry_after = response.headers.get("Retry-After") or _until(response.headers.get("X-RateLimit-Reset"))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after)
+        answer = await self.request("POST", self.url, json=mail_body(message, self.sender), headers=headers)
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
+            retry_after = answer.retry_after or _until(answer.headers.get("X-RateLimit-Reset"))
+            return http_failure(answer.status, answer.text, retry_after)
+        provider_id = answer.headers.get("X-Message-Id")
         if not provider_id:
-            return malformed(text)  # Mail Send has no idempotency key: a retry could send twice
-        return accepted(provider_id, text)
-
-    async def close(self) -> None:
-        await self.session.close()
+            return malformed(answer.text)  # Mail Send has no idempotency key: a retry could send twice
+        return accepted(provider_id, answer.text)
 
 
 def _until(reset: str | None) -> str | None:

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parseaddr
 from urllib.parse import quote
 
-import aiohttp
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,17 +22,15 @@ from pydantic import BaseModel, SecretStr
 from yarl import URL
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
-    http_failure,
     malformed,
-    transport_failure,
 )
 from connectors.channels.devkeys import dev_private_key
 from schemas.config import Channel
@@ -210,7 +207,7 @@ def send_body(message: RenderedMessage, sender: str, configuration_set: str | No
     return request
 
 
-class SesAdapter(ChannelAdapter):
+class SesAdapter(HttpAdapter):
     """Options: `region` (default us-east-1; the API root is https://email.<region>.amazonaws.com),
     `from` (a verified identity; default "<brand> <no-reply@example.com>"), `configuration_set` (the
     one whose event destination publishes Delivery/Bounce events to SNS).
@@ -292,10 +289,6 @@ class SesAdapter(ChannelAdapter):
         self.configuration_set = channel.options.get("configuration_set")
         root = str(channel.url) if channel.url else f"https://email.{self.region}.amazonaws.com"
         self.url = f"{root.rstrip('/')}{SEND_PATH}"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(send_body(message, self.sender, self.configuration_set), ensure_ascii=False).encode()
@@ -310,22 +303,13 @@ class SesAdapter(ChannelAdapter):
             region=self.region,
             session_token=token.get_secret_value() if token else None,
         )
+        answer = await self.request("POST", self.url, data=body, headers=headers)
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
+            error_type = answer.headers.get("x-amzn-ErrorType", "").split(":", 1)[0] or None
+            return answer.failure(code=error_type, transient=error_type in RETRYABLE_ERRORS)
         try:
-            async with self.session.post(self.url, data=body, headers=headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-                error_type = response.headers.get("x-amzn-ErrorType", "").split(":", 1)[0] or None
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            failure = http_failure(status, text, retry_after, code=error_type)
-            if error_type in RETRYABLE_ERRORS and not failure.retryable:
-                failure = failure.model_copy(update={"retryable": True})
-            return failure
-        try:
-            return accepted(str(json.loads(text)["MessageId"]), text)
+            return accepted(str(answer.json()["MessageId"]), answer.text)
         except (ValueError, KeyError, TypeError):
-            return malformed(text)  # SendEmail takes no idempotency token: a retry could send twice
-
-    async def close(self) -> None:
-        await self.session.close()
+            return malformed(answer.text)  # SendEmail takes no idempotency token: a retry could send twice

@@ -8,18 +8,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
-    http_failure,
     malformed,
+    message_extra,
     rejected,
-    transport_failure,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -28,15 +27,7 @@ API_ROOT = "https://slack.com"
 RETRYABLE = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 
 
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
-class SlackAdapter(ChannelAdapter):
+class SlackAdapter(HttpAdapter):
     """Options: `channel` - post every message there (an id like C0123 or #name); without it the message's
     address is the conversation (a channel id, or a user id for a DM from the bot)."""
 
@@ -51,14 +42,10 @@ class SlackAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        self.url = (str(channel.url).rstrip("/") if channel.url else API_ROOT) + "/api/chat.postMessage"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.url = root_url(channel, API_ROOT) + "/api/chat.postMessage"
 
     def payload(self, message: RenderedMessage) -> dict[str, Any]:
-        extra = _extra(message)
+        extra = message_extra(message)
         blocks = extra.get("blocks") if isinstance(extra.get("blocks"), list) else None
         # With blocks, `text` is only the notification fallback; without, it is the message.
         text = message.body if blocks else "\n\n".join(p for p in (message.title, message.body) if p)
@@ -77,24 +64,20 @@ class SlackAdapter(ChannelAdapter):
             "Content-Type": "application/json; charset=utf-8",
             "Authorization": f"Bearer {self.credentials.token.get_secret_value()}",
         }
-        try:
-            async with self.session.post(self.url, data=body, headers=headers) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=body, headers=headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text = response.text
         try:
             answer = json.loads(text)
             ok, error = bool(answer["ok"]), answer.get("error")
         except (ValueError, KeyError, TypeError):
-            return http_failure(status, text, retry_after) if not 200 <= status < 300 else malformed(text)
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after, code=error if isinstance(error, str) else None)
+            return response.unreadable()
+        if not response.ok:
+            return response.failure(code=error if isinstance(error, str) else None)
         if not ok:
             return rejected(str(error or "unknown_error"), text, retryable=error in RETRYABLE)
         try:
             return accepted(f"{answer['channel']}:{answer['ts']}", text)
         except KeyError:
             return malformed(text)
-
-    async def close(self) -> None:
-        await self.session.close()

@@ -7,17 +7,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
-    http_failure,
     malformed,
-    transport_failure,
+    message_extra,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -25,17 +24,9 @@ from schemas.models import RenderedMessage
 API_ROOT = "https://hooks.slack.com"
 
 
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
 def payload(message: RenderedMessage) -> dict[str, Any]:
     """`text` is the notification and fallback; `blocks`, when the copy engine made them, are what shows."""
-    extra = _extra(message)
+    extra = message_extra(message)
     text = message.body if extra.get("blocks") else "\n\n".join(p for p in (message.title, message.body) if p)
     body: dict[str, Any] = {"text": text[:40_000]}
     if isinstance(extra.get("blocks"), list):
@@ -43,7 +34,7 @@ def payload(message: RenderedMessage) -> dict[str, Any]:
     return body
 
 
-class SlackWebhookAdapter(ChannelAdapter):
+class SlackWebhookAdapter(HttpAdapter):
     """The webhook posts to the channel it was created for, so the address is not used. No options."""
 
     scheme = "slack-webhook"
@@ -59,25 +50,15 @@ class SlackWebhookAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        self.root = str(channel.url).rstrip("/") if channel.url else API_ROOT
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.root = root_url(channel, API_ROOT)
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(payload(message), ensure_ascii=False).encode()
         url = f"{self.root}/services/{self.credentials.path.get_secret_value().strip('/')}"
-        try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            word = text.strip()
-            code = word if word.replace("_", "").isalpha() and len(word) < 64 else None
-            return http_failure(status, text, retry_after, code=code)
-        return accepted(None, text) if text.strip() == "ok" else malformed(text)
-
-    async def close(self) -> None:
-        await self.session.close()
+        answer = await self.request("POST", url, data=body, headers={"Content-Type": "application/json"})
+        if isinstance(answer, DeliveryResult):
+            return answer
+        word = answer.text.strip()
+        if not answer.ok:
+            return answer.failure(code=word if word.replace("_", "").isalpha() and len(word) < 64 else None)
+        return accepted(None, answer.text) if word == "ok" else malformed(answer.text)

@@ -9,17 +9,15 @@ import json
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
-    http_failure,
     malformed,
-    transport_failure,
+    message_extra,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -30,16 +28,8 @@ CARD_TYPE = "application/vnd.microsoft.card.adaptive"
 MESSAGE_MAX = 28 * 1024  # Teams refuses messages over about 28 KB
 
 
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
 def card(message: RenderedMessage, button_text: str = "Open") -> dict[str, Any]:
-    text = _extra(message).get("body_text") or message.body
+    text = message_extra(message).get("body_text") or message.body
     body: list[dict[str, Any]] = []
     if message.title:
         body.append({"type": "TextBlock", "text": message.title, "weight": "Bolder", "size": "Medium", "wrap": True})
@@ -57,7 +47,7 @@ def card(message: RenderedMessage, button_text: str = "Open") -> dict[str, Any]:
     return {"type": "message", "attachments": [{"contentType": CARD_TYPE, "contentUrl": None, "content": content}]}
 
 
-class TeamsAdapter(ChannelAdapter):
+class TeamsAdapter(HttpAdapter):
     """The channel's `url` is the workflow's host (e.g. https://prod-12.westus.logic.azure.com:443 or an
     environment.api.powerplatform.com host) - there is no single public root. Options: `workflow_id`
     (required, from the workflow URL); `button_text` (default "Open"). The flow decides where the card
@@ -81,31 +71,22 @@ class TeamsAdapter(ChannelAdapter):
         root = str(channel.url).rstrip("/")
         query = f"api-version={API_VERSION}&sp={quote(TRIGGER, safe='')}&sv=1.0&sig="
         self.url = f"{root}/workflows/{quote(workflow, safe='')}/triggers/manual/paths/invoke?{query}"
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(card(message, self.channel.options.get("button_text", "Open")), ensure_ascii=False).encode()
         url = self.url + quote(self.credentials.sig.get_secret_value(), safe="")
-        try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
+        answer = await self.request("POST", url, data=body, headers={"Content-Type": "application/json"})
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
             try:
-                code = str(json.loads(text)["error"]["code"])
+                code = str(answer.json()["error"]["code"])
             except (ValueError, KeyError, TypeError):
                 code = None
-            return http_failure(status, text, retry_after, code=code)
-        if text.strip():
+            return answer.failure(code=code)
+        if answer.text.strip():
             try:
-                json.loads(text)
+                answer.json()
             except ValueError:
-                return malformed(text)
-        return accepted(None, text)
-
-    async def close(self) -> None:
-        await self.session.close()
+                return malformed(answer.text)
+        return accepted(None, answer.text)

@@ -8,30 +8,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
     http_failure,
     malformed,
-    transport_failure,
+    message_extra,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
 
 API_ROOT = "https://api.telegram.org"
-
-
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
 
 
 def _code(description: str) -> str | None:
@@ -40,7 +32,7 @@ def _code(description: str) -> str | None:
     return "_".join(detail.split())[:64] or None
 
 
-class TelegramAdapter(ChannelAdapter):
+class TelegramAdapter(HttpAdapter):
     """The address is the chat id (a user's id for a private chat, or @channelusername).
     Options: `button_text` (the inline button opening the link, default "Open"); `link_preview` ("on" to let
     Telegram preview the first link; off by default)."""
@@ -57,14 +49,10 @@ class TelegramAdapter(ChannelAdapter):
 
     def __init__(self, channel: Channel, credentials: Credentials) -> None:
         super().__init__(channel, credentials)
-        self.root = str(channel.url).rstrip("/") if channel.url else API_ROOT
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
+        self.root = root_url(channel, API_ROOT)
 
     def payload(self, message: RenderedMessage) -> dict[str, Any]:
-        parse_mode = _extra(message).get("parse_mode")
+        parse_mode = message_extra(message).get("parse_mode")
         # Without a parse mode the copy is plain text: the title and link go in as they are.
         text = message.body if parse_mode else "\n\n".join(p for p in (message.title, message.body) if p)
         body: dict[str, Any] = {
@@ -82,17 +70,16 @@ class TelegramAdapter(ChannelAdapter):
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(self.payload(message), ensure_ascii=False).encode()
         url = f"{self.root}/bot{self.credentials.token.get_secret_value()}/sendMessage"
-        try:
-            async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
-                text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", url, data=body, headers={"Content-Type": "application/json"})
+        if isinstance(response, DeliveryResult):
+            return response
+        text, status = response.text, response.status
         try:
             answer = json.loads(text)
             ok = bool(answer["ok"])
         except (ValueError, KeyError, TypeError):
-            return http_failure(status, text, retry_after) if not 200 <= status < 300 else malformed(text)
-        if ok and 200 <= status < 300:
+            return response.unreadable()
+        if ok and response.ok:
             try:
                 result = answer["result"]
                 return accepted(f"{result['chat']['id']}:{result['message_id']}", text)
@@ -105,7 +92,4 @@ class TelegramAdapter(ChannelAdapter):
         wait = (answer.get("parameters") or {}).get("retry_after")
         description = str(answer.get("description") or "")
         error_code = "too_many_requests" if code == 429 else _code(description)
-        return http_failure(max(code, 400), text, str(wait) if wait else retry_after, code=error_code)
-
-    async def close(self) -> None:
-        await self.session.close()
+        return http_failure(max(code, 400), text, str(wait) if wait else response.retry_after, code=error_code)

@@ -11,24 +11,23 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
-    bad_signature,
-    http_failure,
     malformed,
+    query_value,
     rejected,
-    transport_failure,
+    require_secret,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -88,13 +87,6 @@ def authorization(secret_id: str, secret_key: str, headers: Mapping[str, str], p
     )
 
 
-def receipt_token(request: ReceiptRequest) -> str | None:
-    token = request.query.get("token") if request.query else None
-    if token is None:
-        token = (parse_qs(urlsplit(request.url).query).get("token") or [None])[0]
-    return token
-
-
 def e164(address: str) -> str:
     """Tencent wants +<country><number>; a bare 11-digit mainland mobile gets +86."""
     return f"+86{address}" if MAINLAND.match(address) else address
@@ -104,7 +96,7 @@ def retryable(code: str) -> bool:
     return code.startswith(("LimitExceeded", "RequestLimitExceeded", "InternalError"))
 
 
-class TencentSmsAdapter(ChannelAdapter):
+class TencentSmsAdapter(HttpAdapter):
     """Options: `sdk_app_id` (required, SmsSdkAppId), `template_id` (required, an approved template whose
     one variable takes the body), `sign_name` (default: the channel's brand; global SMS may omit it),
     `region` (X-TC-Region, default ap-guangzhou). Receipts: set the status callback URL to
@@ -125,9 +117,8 @@ class TencentSmsAdapter(ChannelAdapter):
 
     @classmethod
     def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
-        token = receipt_token(request)
-        if not token or not hmac.compare_digest(token.encode(), credentials.receipt_token.get_secret_value().encode()):
-            raise bad_signature("receipt token missing or wrong")
+        expected = credentials.receipt_token.get_secret_value()
+        require_secret(query_value(request, "token"), expected, reason="receipt token missing or wrong")
         try:
             reports = json.loads(request.body)
             if not isinstance(reports, list):
@@ -158,13 +149,9 @@ class TencentSmsAdapter(ChannelAdapter):
             raise ValueError(f"channel {channel.id!r}: tencent-sms needs options 'sdk_app_id' and 'template_id'")
         self.sign_name = options.get("sign_name") or channel.brand
         self.region = options.get("region") or "ap-guangzhou"
-        root = str(channel.url).rstrip("/") if channel.url else API_ROOT
+        root = root_url(channel, API_ROOT)
         self.url = root + "/"
         self.host = urlsplit(root).netloc
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     def payload(self, message: RenderedMessage) -> bytes:
         body = message.body
@@ -195,44 +182,30 @@ class TencentSmsAdapter(ChannelAdapter):
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         payload = self.payload(message)
         headers = self.headers(payload, int(time.time()))
-        try:
-            async with self.session.post(self.url, data=payload, headers=headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=payload, headers=headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text = response.text
         try:
             envelope = json.loads(text)["Response"]
             error = envelope.get("Error")
         except (ValueError, KeyError, TypeError, AttributeError):
             envelope = error = None
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after, code=error.get("Code") if isinstance(error, dict) else None)
+        if not response.ok:
+            return response.failure(code=error.get("Code") if isinstance(error, dict) else None)
         if isinstance(error, dict) and isinstance(error.get("Code"), str):
-            return self._refused(error["Code"], text, retry_after)
+            return self._refused(error["Code"], text, response.retry_after)
         try:
             [result] = envelope["SendStatusSet"]
             code = result["Code"]
         except (KeyError, TypeError, ValueError):
             return malformed(text)  # SendSms has no idempotency key: a retry could send twice
         if code != "Ok":
-            return self._refused(str(code), text, retry_after)
+            return self._refused(str(code), text, response.retry_after)
         serial = result.get("SerialNo")
         return accepted(serial, text) if isinstance(serial, str) and serial else malformed(text)
 
     @staticmethod
     def _refused(code: str, raw: str, retry_after: str | None) -> DeliveryResult:
         """AuthFailure.* and InvalidParameter* are final; throttling waits for the window it names."""
-        result = rejected(code, raw, retryable=retryable(code))
-        if not result.retryable:
-            return result
-        wait = LIMIT_WAITS_S.get(code)
-        if wait is None and retry_after:
-            try:
-                wait = float(retry_after)
-            except ValueError:
-                wait = None  # an HTTP date: the retry's own backoff applies
-        return result.model_copy(update={"retry_after_s": wait})
-
-    async def close(self) -> None:
-        await self.session.close()
+        return rejected(code, raw, retryable=retryable(code), retry_after=LIMIT_WAITS_S.get(code) or retry_after)

@@ -12,21 +12,19 @@ import json
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
-    http_failure,
     malformed,
-    transport_failure,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -67,7 +65,7 @@ def verify(auth_token: str, url: str, params: list[tuple[str, str]], header: str
     )
 
 
-class TwilioAdapter(ChannelAdapter):
+class TwilioAdapter(HttpAdapter):
     """Options: `from` (a Twilio number or alphanumeric sender ID) or `messaging_service_sid` (one is
     required); `status_callback` (the URL Twilio posts delivery status to; unset: the account's or
     messaging service's configured callback)."""
@@ -118,14 +116,9 @@ class TwilioAdapter(ChannelAdapter):
         if not self.sender and not self.service_sid:
             raise ValueError(f"channel {channel.id!r}: twilio needs options 'from' or 'messaging_service_sid'")
         self.status_callback = channel.options.get("status_callback")
-        root = str(channel.url).rstrip("/") if channel.url else API_ROOT
-        self.url = root + messages_path(credentials.account_sid)
+        self.url = root_url(channel, API_ROOT) + messages_path(credentials.account_sid)
         basic = f"{credentials.account_sid}:{credentials.auth_token.get_secret_value()}"
         self.headers = {"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()}
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     def form(self, message: RenderedMessage) -> dict[str, str]:
         data = {"To": message.address, "Body": message.body}
@@ -138,23 +131,18 @@ class TwilioAdapter(ChannelAdapter):
         return data
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
-        try:
-            async with self.session.post(self.url, data=self.form(message), headers=self.headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=self.form(message), headers=self.headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text = response.text
         try:
             answer = json.loads(text)
         except ValueError:
             answer = None
-        if not 200 <= status < 300:
+        if not response.ok:
             code = answer.get("code") if isinstance(answer, dict) else None
             # 20003 (authenticate) and 21211 (invalid To) stay final; 20429 / 5xx retry via the status.
-            return http_failure(status, text, retry_after, code=str(code) if code else None)
+            return response.failure(code=str(code) if code else None)
         if not isinstance(answer, dict) or not isinstance(answer.get("sid"), str):
             return malformed(text)  # no idempotency key on Messages: a retry could send twice
         return accepted(answer["sid"], text)
-
-    async def close(self) -> None:
-        await self.session.close()

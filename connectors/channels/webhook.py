@@ -14,21 +14,18 @@ import hmac
 import json
 import time
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
-    http_failure,
     malformed,
-    transport_failure,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -77,7 +74,7 @@ def payload(message: RenderedMessage) -> bytes:
     ).encode()
 
 
-class WebhookAdapter(ChannelAdapter):
+class WebhookAdapter(HttpAdapter):
     scheme = "webhook"
     channel_kind = "webhook"
     limits = Limits(body_maxlen=64_000)
@@ -114,10 +111,6 @@ class WebhookAdapter(ChannelAdapter):
         if channel.url is None:
             raise ValueError(f"channel {channel.id!r}: the webhook provider needs a url")
         self.url = str(channel.url)
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = payload(message)
@@ -127,18 +120,12 @@ class WebhookAdapter(ChannelAdapter):
             # Receivers can drop a retried delivery they already have.
             "Idempotency-Key": message.message_id,
         }
+        answer = await self.request("POST", self.url, data=body, headers=headers)
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
+            return answer.failure()
         try:
-            async with self.session.post(self.url, data=body, headers=headers) as response:
-                text = await response.text()
-                status, retry_after = response.status, response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after)
-        try:
-            return accepted(str(json.loads(text)["id"]), text)
+            return accepted(str(answer.json()["id"]), answer.text)
         except (ValueError, KeyError, TypeError):
-            return malformed(text, retryable=True)  # the receiver dedups by Idempotency-Key
-
-    async def close(self) -> None:
-        await self.session.close()
+            return malformed(answer.text, retryable=True)  # the receiver dedups by Idempotency-Key

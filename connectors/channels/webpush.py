@@ -15,7 +15,6 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import http_ece
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -23,14 +22,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     accepted,
-    http_failure,
     malformed,
     rejected,
-    transport_failure,
 )
 from connectors.channels.devkeys import dev_private_key
 from schemas.config import Channel
@@ -81,7 +78,7 @@ def encrypt(plaintext: bytes, p256dh: str, auth: str) -> bytes:
     )
 
 
-class WebPushAdapter(ChannelAdapter):
+class WebPushAdapter(HttpAdapter):
     """Options: `ttl_s` (how long the push service keeps an undelivered message, default 86400), `topic`
     (Topic header: a newer message with the same topic replaces an undelivered one)."""
 
@@ -111,10 +108,6 @@ class WebPushAdapter(ChannelAdapter):
             raise ValueError(f"channel {channel.id!r}: webpush vapid_subject must be a mailto: or https: URL")
         self.ttl_s = int(channel.options.get("ttl_s", 86400))
         self.topic = channel.options.get("topic")
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
         self._vapid: dict[str, tuple[str, float]] = {}  # push service origin → (header, renew after)
 
     def _authorization(self, audience: str) -> str:
@@ -166,18 +159,13 @@ class WebPushAdapter(ChannelAdapter):
         }
         if self.topic:
             headers["Topic"] = self.topic
-        try:
-            async with self.session.post(endpoint, data=body, headers=headers) as response:
-                text, status = await response.text(), response.status
-                location, retry_after = response.headers.get("Location"), response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
-        if not 200 <= status < 300:
-            code = ERRORS.get(status) or ("vapid_rejected" if status in (401, 403) else None)
-            return http_failure(status, text, retry_after, code=code)
+        answer = await self.request("POST", endpoint, data=body, headers=headers)
+        if isinstance(answer, DeliveryResult):
+            return answer
+        if not answer.ok:
+            status = answer.status
+            return answer.failure(code=ERRORS.get(status) or ("vapid_rejected" if status in (401, 403) else None))
+        location = answer.headers.get("Location")
         if not location:
-            return malformed(text)  # a push service answers 201 with the message's Location; no dedup key
-        return accepted(location, text)
-
-    async def close(self) -> None:
-        await self.session.close()
+            return malformed(answer.text)  # a push service answers 201 with the message's Location; no dedup key
+        return accepted(location, answer.text)

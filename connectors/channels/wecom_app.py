@@ -5,23 +5,24 @@ WeCom answers HTTP 200 for business errors, so the `errcode` in the body decides
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Any
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
+    Answer,
     DeliveryResult,
+    DeliveryStatus,
+    HttpAdapter,
     Limits,
+    TokenCache,
     accepted,
-    http_failure,
+    errcode_result,
     malformed,
+    message_extra,
     rejected,
-    transport_failure,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -33,26 +34,11 @@ RETRYABLE = {-1, 45009, 45033}  # system busy, api freq out of limit, too many c
 MARKDOWN_FORMATS = {"wecom", "dingtalk", "slack", "telegram"}
 
 
-def _extra(message: RenderedMessage) -> dict[str, Any]:
-    try:
-        extra = json.loads(message.extra) if message.extra else {}
-    except ValueError:
-        return {}
-    return extra if isinstance(extra, dict) else {}
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
-
-
 def _bytes(text: str, limit: int) -> str:
     return truncate(text, limit, unit="bytes")
 
 
-class WecomAppAdapter(ChannelAdapter):
+class WecomAppAdapter(HttpAdapter):
     """Options: `agent_id` (required, the application's AgentId); `button_text` (textcard button, default 详情)."""
 
     scheme = "wecom-app"
@@ -72,18 +58,12 @@ class WecomAppAdapter(ChannelAdapter):
         if not agent_id or not agent_id.isdigit():
             raise ValueError(f"channel {channel.id!r}: wecom-app needs options.agent_id (the numeric AgentId)")
         self.agent_id = int(agent_id)
-        self.root = str(channel.url).rstrip("/") if channel.url else API_ROOT
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
-        self._token: str | None = None
-        self._token_expires = 0.0
-        self._token_lock = asyncio.Lock()
+        self.root = root_url(channel, API_ROOT)
+        self.token = TokenCache(self._fetch_token)
 
     def payload(self, message: RenderedMessage) -> dict[str, Any]:
         body: dict[str, Any] = {"touser": message.address, "agentid": self.agent_id}
-        plain = _extra(message).get("body_text") or message.body
+        plain = message_extra(message).get("body_text") or message.body
         title = _bytes(message.title or plain.split("\n", 1)[0], 128)
         if message.link and message.image_url:
             article = {"title": title, "description": _bytes(plain, 512), "url": message.link}
@@ -102,67 +82,40 @@ class WecomAppAdapter(ChannelAdapter):
             body.update(msgtype="text", text={"content": _bytes(message.body, 2048)})
         return body
 
-    async def _fetch_token(self) -> str | DeliveryResult:
+    async def _fetch_token(self) -> tuple[str, float] | DeliveryResult:
         params = {"corpid": self.credentials.corp_id, "corpsecret": self.credentials.corp_secret.get_secret_value()}
-        async with self.session.get(f"{self.root}/cgi-bin/gettoken", params=params) as response:
-            text, status, retry_after = await response.text(), response.status, response.headers.get("Retry-After")
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after)
+        response = await self.request("GET", f"{self.root}/cgi-bin/gettoken", params=params)
+        if isinstance(response, DeliveryResult):
+            return response
+        if not response.ok:
+            return response.failure()
         try:
-            answer = json.loads(text)
+            answer = response.json()
             code = int(answer.get("errcode", 0))
             if code:
-                return rejected(str(code), text, retryable=code in RETRYABLE)
-            self._token = str(answer["access_token"])
+                return rejected(str(code), response.text, retryable=code in RETRYABLE)
+            token = str(answer["access_token"])
         except (ValueError, KeyError, TypeError, AttributeError):
-            return malformed(text, retryable=True)  # nothing was sent yet
+            return malformed(response.text, retryable=True)  # nothing was sent yet
         # Refresh a minute early so a token never expires between our check and WeCom's.
-        self._token_expires = time.monotonic() + max(int(answer.get("expires_in", 7200)) - 60, 1)
-        return self._token
-
-    async def _access_token(self, stale: str | None = None) -> str | DeliveryResult:
-        async with self._token_lock:
-            if self._token and self._token != stale and time.monotonic() < self._token_expires:
-                return self._token
-            return await self._fetch_token()
+        return token, max(int(answer.get("expires_in", 7200)) - 60, 1)
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         body = json.dumps(self.payload(message), ensure_ascii=False).encode()
-        stale: str | None = None
-        try:
-            for _ in range(2):
-                token = await self._access_token(stale)
-                if isinstance(token, DeliveryResult):
-                    return token
-                url = f"{self.root}/cgi-bin/message/send"
-                headers = {"Content-Type": "application/json"}
-                async with self.session.post(url, params={"access_token": token}, data=body, headers=headers) as r:
-                    text, status, retry_after = await r.text(), r.status, r.headers.get("Retry-After")
-                result = self._result(message, status, text, retry_after)
-                if result.error_code not in {str(c) for c in TOKEN_ERRORS}:
-                    return result
-                stale = token
-            return result
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
 
-    def _result(self, message: RenderedMessage, status: int, text: str, retry_after: str | None) -> DeliveryResult:
-        if not 200 <= status < 300:
-            return http_failure(status, text, retry_after)
-        try:
-            answer = json.loads(text)
-            code = int(answer["errcode"])
-        except (ValueError, KeyError, TypeError):
-            return malformed(text)
-        if code:
-            result = rejected(str(code), text, retryable=code in RETRYABLE)
-            if code in RETRYABLE and _seconds(retry_after) is not None:
-                result = result.model_copy(update={"retry_after_s": _seconds(retry_after)})
+        async def post(token: str) -> DeliveryResult:
+            url, headers = f"{self.root}/cgi-bin/message/send", {"Content-Type": "application/json"}
+            answer = await self.request("POST", url, params={"access_token": token}, data=body, headers=headers)
+            return answer if isinstance(answer, DeliveryResult) else self._result(message, answer)
+
+        return await self.token.call(post, lambda result: result.error_code in {str(c) for c in TOKEN_ERRORS})
+
+    def _result(self, message: RenderedMessage, answer: Answer) -> DeliveryResult:
+        result = errcode_result(answer, RETRYABLE)
+        if result.status == DeliveryStatus.failed:
             return result
+        fields = answer.json()
         # errcode 0 can still name our one recipient as invalid (unknown user or outside the app's visibility).
-        if message.address in str(answer.get("invaliduser") or "").split("|"):
-            return rejected("invaliduser", text)
-        return accepted(str(answer.get("msgid") or "") or None, text)
-
-    async def close(self) -> None:
-        await self.session.close()
+        if message.address in str(fields.get("invaliduser") or "").split("|"):
+            return rejected("invaliduser", answer.text)
+        return accepted(str(fields.get("msgid") or "") or None, answer.text)

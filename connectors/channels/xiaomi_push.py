@@ -8,27 +8,25 @@ secret token in its query string, checked on arrival. callback.type 17 asks for 
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-import aiohttp
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
-    ChannelAdapter,
     DeliveryResult,
+    HttpAdapter,
     Limits,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
-    bad_signature,
-    http_failure,
     malformed,
+    query_value,
     rejected,
-    transport_failure,
+    require_secret,
+    root_url,
 )
 from schemas.config import Channel
 from schemas.models import RenderedMessage
@@ -48,7 +46,7 @@ def with_token(url: str, token: str) -> str:
     return urlunsplit(parts._replace(query=query + urlencode({"token": token})))
 
 
-class XiaomiPushAdapter(ChannelAdapter):
+class XiaomiPushAdapter(HttpAdapter):
     """Options: `package_name` (required: restricted_package_name), `callback_url` (where Xiaomi posts
     receipts; default the credentials' callback_url, i.e. Loopcast's /receipts/xiaomi-push), `channel_id`
     (the Android notification channel registered with Xiaomi), `notify_type` (default -1: sound, vibration and
@@ -78,9 +76,8 @@ class XiaomiPushAdapter(ChannelAdapter):
 
     @classmethod
     def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
-        given = str(request.query.get("token", ""))
-        if not hmac.compare_digest(given.encode(), credentials.receipt_token.get_secret_value().encode()):
-            raise bad_signature("callback token does not match")
+        expected = credentials.receipt_token.get_secret_value()
+        require_secret(query_value(request, "token"), expected, reason="callback token does not match")
         try:
             form = parse_qs(request.body.decode(), strict_parsing=True)
             data = json.loads(form["data"][0])
@@ -105,17 +102,13 @@ class XiaomiPushAdapter(ChannelAdapter):
         self.package_name = channel.options.get("package_name")
         if not self.package_name:
             raise ValueError(f"channel {channel.id!r}: xiaomi-push needs options.package_name")
-        root = str(channel.url).rstrip("/") if channel.url else XMPUSH_API
+        root = root_url(channel, XMPUSH_API)
         self.url = f"{root}/v3/message/regid"
         callback = channel.options.get("callback_url") or credentials.callback_url
         self.callback = with_token(callback, credentials.receipt_token.get_secret_value()) if callback else None
         self.channel_id = channel.options.get("channel_id")
         self.notify_type = channel.options.get("notify_type", "-1")
         self.ttl_s = channel.options.get("ttl_s")
-        self.session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=channel.timeout_s),
-            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-        )
 
     def form(self, message: RenderedMessage) -> dict[str, str]:
         payload = json.dumps({"message_id": message.message_id, "link": message.link}, separators=(",", ":"))
@@ -149,27 +142,17 @@ class XiaomiPushAdapter(ChannelAdapter):
         if size > MAX_PAYLOAD_BYTES:
             return rejected("payload_too_large", f"{size} bytes")
         headers = {"Authorization": f"key={self.credentials.app_secret.get_secret_value()}"}
-        try:
-            async with self.session.post(self.url, data=form, headers=headers) as response:
-                text, status = await response.text(), response.status
-                retry_after = response.headers.get("Retry-After")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            return transport_failure(exc)
+        response = await self.request("POST", self.url, data=form, headers=headers)
+        if isinstance(response, DeliveryResult):
+            return response
+        text, status = response.text, response.status
         try:
             answer = json.loads(text)
             code = int(answer["code"])
         except (ValueError, KeyError, TypeError):
-            return http_failure(status, text, retry_after) if not 200 <= status < 300 else malformed(text)
+            return response.unreadable()
         if code == 0 and answer.get("result") == "ok":
             msg_id = (answer.get("data") or {}).get("id")
             return accepted(str(msg_id), text) if msg_id else malformed(text)
-        result = rejected(str(code), text, retryable=code in RETRYABLE or status == 429 or status >= 500)
-        if result.retryable and retry_after:
-            try:
-                result = result.model_copy(update={"retry_after_s": float(retry_after)})
-            except ValueError:
-                pass
-        return result
-
-    async def close(self) -> None:
-        await self.session.close()
+        retry = code in RETRYABLE or status == 429 or status >= 500
+        return rejected(str(code), text, retryable=retry, retry_after=response.retry_after)

@@ -233,6 +233,16 @@ def test_the_inbox_lists_counts_and_marks_read(worker) -> None:
     assert httpx.get(f"{inbox}?limit=2").json()["next_before"] is not None
     assert httpx.post(f"{inbox}/read").json()["unread"] == 0
     assert httpx.get(f"{inbox}/unread").json() == {"unread": 0}
+    # Written into the inbox is delivered: the funnel counts it so.
+    wh = warehouse.connect(settings)
+    try:
+        codes = wait_for(
+            lambda: (c := Counter(r["code"] for r in outcomes(wh, "ib")))["delivered"] == 3 and c,
+            timeout_s=30, what="3 delivered inbox messages",
+        )  # fmt: skip
+        assert codes["sent"] == 3
+    finally:
+        wh.close()
 
 
 def test_an_undelivered_receipt_or_no_receipt_in_time_starts_the_next_channel(worker) -> None:

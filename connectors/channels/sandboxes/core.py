@@ -8,6 +8,7 @@ arrived instead of trusting our own logs.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,15 @@ FaultAnswer = Callable[[str, int], web.Response]
 def default_answer(fault: str, status: int) -> web.Response:
     messages = {"outage": "service unavailable", "throttled": "rate limited", "error": "internal error"}
     return web.json_response({"error": messages[fault]}, status=status)
+
+
+async def json_object(request: web.Request) -> dict[str, Any] | None:
+    """The request's body as a JSON object; None when it is not one (the provider answers its own 400)."""
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from connectors.channels.sandboxes.core import Sandbox, SandboxContext
+from connectors.channels.sandboxes.core import Sandbox, SandboxContext, json_object
 
 UNKNOWN_CHANNELS = {"C0NOTFOUND", "#nowhere"}
 OUTSIDE_CHANNELS = {"C0NOTMEMBER"}  # exists, but the bot was never invited
@@ -36,11 +34,8 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
         injected = await box.inject(answer)
         if injected is not None:
             return injected
-        try:
-            body = json.loads(await request.read())
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        body = await json_object(request)
+        if body is None:
             return error("invalid_json")
         channel = body.get("channel")
         if not channel:

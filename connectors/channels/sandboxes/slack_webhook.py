@@ -3,11 +3,9 @@ error words with their statuses (no_service 404, invalid_payload / no_text 400, 
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
-from connectors.channels.sandboxes.core import Sandbox, SandboxContext
+from connectors.channels.sandboxes.core import Sandbox, SandboxContext, json_object
 
 
 def answer(fault: str, status: int) -> web.Response:
@@ -25,11 +23,8 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
         injected = await box.inject(answer)
         if injected is not None:
             return injected
-        try:
-            body = json.loads(await request.read())
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        body = await json_object(request)
+        if body is None:
             return web.Response(status=400, text="invalid_payload")
         if not body.get("text") and not body.get("blocks"):
             return web.Response(status=400, text="no_text")

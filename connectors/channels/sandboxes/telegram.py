@@ -4,13 +4,12 @@ messages numbered per chat as Telegram numbers them."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 
 from aiohttp import web
 
-from connectors.channels.sandboxes.core import Sandbox, SandboxContext
+from connectors.channels.sandboxes.core import Sandbox, SandboxContext, json_object
 
 UNKNOWN_CHATS = {"0", "-1000000000404"}
 BLOCKED_CHATS = {"403403403"}  # users who blocked the bot
@@ -52,11 +51,8 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
         injected = await box.inject(answer)
         if injected is not None:
             return injected
-        try:
-            body = json.loads(await request.read())
-            if not isinstance(body, dict):
-                raise ValueError("not an object")
-        except ValueError:
+        body = await json_object(request)
+        if body is None:
             return error(400, "Bad Request: invalid JSON")
         chat = str(body.get("chat_id") or "")
         if not chat:

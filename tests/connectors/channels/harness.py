@@ -11,15 +11,26 @@ pointed at the sandbox by configuration only (the channel's url).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis
 from aiohttp import web
 
-from connectors.channels.base import ChannelAdapter, Receipt, ReceiptRejected, ReceiptRequest, adapter_class
+from connectors.channels.base import (
+    ChannelAdapter,
+    DeliveryResult,
+    Receipt,
+    ReceiptRejected,
+    ReceiptRequest,
+    adapter_class,
+)
 from connectors.channels.sandboxes import build_app
 from connectors.channels.sandboxes.core import Sandbox
 from infra.settings import Settings
@@ -123,6 +134,54 @@ class ProviderHarness:
             await adapter.close()
         for runner in reversed(self._runners):
             await runner.cleanup()
+
+
+def send_once(
+    scheme: str,
+    home: Path,
+    *,
+    faults: dict[str, Any] | None = None,
+    credentials: Any = None,
+    message: dict[str, Any] | None = None,
+    **channel: Any,
+) -> tuple[DeliveryResult, Sandbox]:
+    """A case-table row's one send: the sandbox with `faults`, an adapter for `channel` with `credentials`
+    (other Credentials, a dict of changes to the harness's, or None for the harness's own) and a message
+    with the `message` overrides. Returns the result and the sandbox, to look at what arrived."""
+
+    async def run() -> tuple[DeliveryResult, Sandbox]:
+        async with ProviderHarness(scheme, home) as h:
+            h.box.faults = h.box.faults.model_copy(update=faults or {})
+            given = h.credentials.model_copy(update=credentials) if isinstance(credentials, dict) else credentials
+            return await h.adapter(given, **channel).send(h.message(**(message or {}))), h.box
+
+    return asyncio.run(run())
+
+
+@contextlib.contextmanager
+def running_redis(password: str | None = None) -> Iterator[str]:
+    """A throwaway redis-server on a free loopback port (no persistence; `password` required when given):
+    its URL once it answers PING, the process stopped afterwards."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command += ["--requirepass", password] if password else []
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    try:
+        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)  # polling a starting process, with a deadline
+        client.close()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def elapsed_ms(start: float) -> float:

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from connectors.channels.aliyun_sms import AliyunSmsAdapter, rpc_signature, string_to_sign
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, changes, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("aliyun-sms", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(
-                h.credentials.model_copy(update=changes), **{"format": "sms-cn", "options": OPTIONS, **channel}
-            )
-            return await adapter.send(h.message(**{"address": PHONE, **overrides})), h.box
-
-    result, box = asyncio.run(run())
+    channel = {"format": "sms-cn", "options": OPTIONS, **channel}
+    message = {"address": PHONE, **overrides}
+    result, box = send_once("aliyun-sms", tmp_path, faults=faults, credentials=changes, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 60  # 分钟级流控: the minute window, not the gateway's Retry-After

@@ -101,7 +101,7 @@ def test_provider_token_is_reused_and_renewed_once_when_expired(tmp_path, monkey
             second = await adapter.send(h.message(address=DEVICE, message_id="m2"))
             assert len(minted) == 1
             # A token minted over an hour ago: APNs answers 403 ExpiredProviderToken, the adapter re-mints once.
-            adapter._token = original(adapter.credentials, int(time.time()) - 4000)
+            adapter.token.value = original(adapter.credentials, int(time.time()) - 4000)
             third = await adapter.send(h.message(address=DEVICE, message_id="m3"))
             return first, second, third, h.box
 

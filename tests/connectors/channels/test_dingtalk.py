@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.dingtalk import DingtalkAdapter, sign, verify
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, credentials, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("dingtalk", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(credentials, format="dingtalk", **channel)
-            return await adapter.send(h.message(body="### Flash sale\n\n你好 — only 3 left")), h.box
-
-    result, box = asyncio.run(run())
+    message = {"body": "### Flash sale\n\n你好 — only 3 left"}
+    result, box = send_once(
+        "dingtalk", tmp_path, faults=faults, credentials=credentials, message=message, format="dingtalk", **channel
+    )
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

@@ -15,7 +15,7 @@ from connectors.channels.base import DeliveryStatus, adapter_class
 from connectors.channels.devkeys import public_key_pem
 from connectors.channels.fcm import FcmAdapter
 from infra.settings import Settings
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +51,11 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, forged, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("fcm", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = (
-                h.credentials.model_copy(update={"private_key": SecretStr(other_rsa_key())}) if forged else None
-            )
-            adapter = h.adapter(credentials, format="push-fcm", **channel)
-            message = h.message(**{"address": TOKEN, "extra": '{"badge": 1}', **overrides})
-            return await adapter.send(message), h.box
-
-    result, box = asyncio.run(run())
+    credentials = {"private_key": SecretStr(other_rsa_key())} if forged else None
+    message = {"address": TOKEN, "extra": '{"badge": 1}', **overrides}
+    result, box = send_once(
+        "fcm", tmp_path, faults=faults, credentials=credentials, message=message, format="push-fcm", **channel
+    )
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1
@@ -89,14 +82,14 @@ def test_token_is_cached_and_refreshed_once_on_401(tmp_path, monkeypatch) -> Non
             first = await adapter.send(h.message(address=TOKEN))
             second = await adapter.send(h.message(address=TOKEN, message_id="m2"))
             assert len(signed) == 1  # one token for both sends
-            adapter._token = "ya29.revoked"  # FCM answers 401 UNAUTHENTICATED for it
+            adapter.token.value = "ya29.revoked"  # FCM answers 401 UNAUTHENTICATED for it
             third = await adapter.send(h.message(address=TOKEN, message_id="m3"))
             return first, second, third, h.box, adapter
 
     first, second, third, box, adapter = asyncio.run(run())
     assert all(r.status == DeliveryStatus.accepted for r in (first, second, third))
     assert first.provider_message_id.startswith("projects/other-project/messages/")
-    assert len(signed) == 2 and box.rejected == 1 and adapter._token != "ya29.revoked"
+    assert len(signed) == 2 and box.rejected == 1 and adapter.token.value != "ya29.revoked"
     assert [r.body["message_id"] for r in box.received] == ["m1", "m2", "m3"]
 
 

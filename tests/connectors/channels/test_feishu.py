@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.feishu import FeishuAdapter, sign, throttled, verify
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -44,14 +44,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, credentials, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("feishu", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(credentials, format="feishu", **channel)
-            return await adapter.send(h.message(extra=EXTRA)), h.box
-
-    result, box = asyncio.run(run())
+    message = {"extra": EXTRA}
+    result, box = send_once(
+        "feishu", tmp_path, faults=faults, credentials=credentials, message=message, format="feishu", **channel
+    )
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.http_sms import HttpSmsAdapter, signed_headers, verify
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -36,15 +36,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, changes, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("http-sms", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = h.credentials.model_copy(update=changes)
-            adapter = h.adapter(credentials, **{"format": "sms", "brand": "Loopcast", **channel})
-            return await adapter.send(h.message(**{"address": PHONE, **overrides})), h.box
-
-    result, box = asyncio.run(run())
+    channel = {"format": "sms", "brand": "Loopcast", **channel}
+    message = {"address": PHONE, **overrides}
+    result, box = send_once("http-sms", tmp_path, faults=faults, credentials=changes, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.huawei_push import HuaweiPushAdapter, basic_auth
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -37,18 +37,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, forged, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("huawei-push", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = h.credentials.model_copy(update={"client_secret": SecretStr("wrong")}) if forged else None
-            adapter = h.adapter(credentials, format="push-huawei", options={"category": "MARKETING"}, **channel)
-            message = h.message(
-                **{"address": DEVICE, "extra": '{"badge": 1}', "link": "https://x.test/c/1", **overrides}
-            )
-            return await adapter.send(message), h.box
-
-    result, box = asyncio.run(run())
+    credentials = {"client_secret": SecretStr("wrong")} if forged else None
+    message = {"address": DEVICE, "extra": '{"badge": 1}', "link": "https://x.test/c/1", **overrides}
+    channel = {"format": "push-huawei", "options": {"category": "MARKETING"}, **channel}
+    result, box = send_once("huawei-push", tmp_path, faults=faults, credentials=credentials, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1
@@ -93,13 +85,13 @@ def test_token_is_cached_and_renewed_once_when_expired(tmp_path) -> None:
         async with ProviderHarness("huawei-push", tmp_path) as h:
             adapter = h.adapter(format="push-huawei")
             first = await adapter.send(h.message(address=DEVICE, link=None))
-            token = adapter._token
+            token = adapter.token.value
             second = await adapter.send(h.message(address=DEVICE, message_id="m2"))
-            assert adapter._token == token
+            assert adapter.token.value == token
             async with h.box.client().post(f"{h.base_url}/_expire_tokens") as response:
                 assert response.status == 200
             third = await adapter.send(h.message(address=DEVICE, message_id="m3"))
-            return first, second, third, h.box, adapter._token != token
+            return first, second, third, h.box, adapter.token.value != token
 
     first, second, third, box, renewed = asyncio.run(run())
     assert all(r.status == DeliveryStatus.accepted for r in (first, second, third)) and renewed

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +15,7 @@ from connectors.channels.base import DeliveryStatus, adapter_class
 from connectors.channels.inbox import InboxAdapter
 from connectors.inbox_store import InboxStore
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, free_port, message
+from tests.connectors.channels.harness import ProviderHarness, free_port, message, running_redis
 
 pytestmark = pytest.mark.integration
 
@@ -28,29 +26,8 @@ PASSWORD = "loopcast-inbox-test"
 def redis_server() -> Iterator[str]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH")
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--requirepass", PASSWORD],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://:{PASSWORD}@127.0.0.1:{port}/0"
-    try:
-        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)  # polling a starting process, with a deadline
-        client.close()
+    with running_redis(PASSWORD) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

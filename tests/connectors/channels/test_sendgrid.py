@@ -23,7 +23,7 @@ from connectors.channels.sendgrid import (
     verify_events,
 )
 from infra.settings import Settings
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -50,18 +50,15 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, forged, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("sendgrid", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = h.credentials.model_copy(update={"api_key": SecretStr("SG.wrong")}) if forged else None
-            adapter = h.adapter(credentials, format="email", options={"from": "Shop <news@shop.example>"}, **channel)
-            msg = h.message(
-                address="ann@example.org", html="<p>你好</p>", extra=json.dumps({"headers": HEADERS}), **overrides
-            )
-            return await adapter.send(msg), h.box
-
-    result, box = asyncio.run(run())
+    credentials = {"api_key": SecretStr("SG.wrong")} if forged else None
+    message = {
+        "address": "ann@example.org",
+        "html": "<p>你好</p>",
+        "extra": json.dumps({"headers": HEADERS}),
+        **overrides,
+    }
+    channel = {"format": "email", "options": {"from": "Shop <news@shop.example>"}, **channel}
+    result, box = send_once("sendgrid", tmp_path, faults=faults, credentials=credentials, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s is not None and 0 <= result.retry_after_s <= 2

@@ -22,7 +22,7 @@ from connectors.channels.ses import (
     sns_verify,
 )
 from infra.settings import Settings
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -53,17 +53,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, forged, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("ses", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = h.credentials.model_copy(update=forged) if forged else None
-            options = {"from": "Shop <news@shop.example>", "region": "eu-west-1", "configuration_set": "events"}
-            adapter = h.adapter(credentials, format="email", options=options, **channel)
-            msg = h.message(address="ann@example.org", html="<p>你好</p>", extra=json.dumps({"headers": HEADERS}))
-            return await adapter.send(msg), h.box
-
-    result, box = asyncio.run(run())
+    options = {"from": "Shop <news@shop.example>", "region": "eu-west-1", "configuration_set": "events"}
+    message = {"address": "ann@example.org", "html": "<p>你好</p>", "extra": json.dumps({"headers": HEADERS})}
+    channel = {"format": "email", "options": options, **channel}
+    result, box = send_once("ses", tmp_path, faults=faults, credentials=forged or None, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

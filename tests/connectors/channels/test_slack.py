@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.slack import SlackAdapter
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -49,15 +49,11 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("slack", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, format="slack", **channel)
-            message = h.message(**{"address": "C0LOOPCAST", "body": "你好 — only 3 left", "extra": EXTRA, **overrides})
-            return await adapter.send(message), h.box
-
-    result, box = asyncio.run(run())
+    message = {"address": "C0LOOPCAST", "body": "你好 — only 3 left", "extra": EXTRA, **overrides}
+    channel = {"format": "slack", **channel}
+    result, box = send_once(
+        "slack", tmp_path, faults=faults, credentials=WRONG if wrong else None, message=message, **channel
+    )
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

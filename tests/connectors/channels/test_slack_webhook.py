@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.slack_webhook import SlackWebhookAdapter
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +35,12 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("slack-webhook", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, format="slack", **channel)
-            message = h.message(body="*Flash sale*\n\n你好 — only 3 left", extra=json.dumps({"blocks": BLOCKS}))
-            return await adapter.send(message), h.box
-
-    result, box = asyncio.run(run())
+    message = {"body": "*Flash sale*\n\n你好 — only 3 left", "extra": json.dumps({"blocks": BLOCKS})}
+    channel = {"format": "slack", **channel}
+    credentials = WRONG if wrong else None
+    result, box = send_once(
+        "slack-webhook", tmp_path, faults=faults, credentials=credentials, message=message, **channel
+    )
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     assert result.provider_message_id is None
     if case == "throttled":

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.teams import CARD_TYPE, TeamsAdapter
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +32,8 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("teams", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, options=OPTIONS, **channel)
-            return await adapter.send(h.message()), h.box
-
-    result, box = asyncio.run(run())
+    channel = {"options": OPTIONS, **channel}
+    result, box = send_once("teams", tmp_path, faults=faults, credentials=WRONG if wrong else None, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     assert result.provider_message_id is None
     if case == "throttled":

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.telegram import TelegramAdapter
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -43,15 +43,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("telegram", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, format="telegram", **channel)
-            message = h.message(**{"address": "4242", "body": MARKDOWN, "extra": EXTRA, **overrides})
-            return await adapter.send(message), h.box
-
-    result, box = asyncio.run(run())
+    message = {"address": "4242", "body": MARKDOWN, "extra": EXTRA, **overrides}
+    channel = {"format": "telegram", **channel}
+    credentials = WRONG if wrong else None
+    result, box = send_once("telegram", tmp_path, faults=faults, credentials=credentials, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 3  # from parameters.retry_after, not the header

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.twilio import SIGNATURE_HEADER, TwilioAdapter, signature, verify
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -41,17 +41,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, forged, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("twilio", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            credentials = (
-                h.credentials.model_copy(update={"auth_token": SecretStr("wrong")}) if forged else h.credentials
-            )
-            adapter = h.adapter(credentials, format="sms", options=OPTIONS, **channel)
-            return await adapter.send(h.message(**{"address": PHONE, **overrides})), h.box
-
-    result, box = asyncio.run(run())
+    credentials = {"auth_token": SecretStr("wrong")} if forged else None
+    channel = {"format": "sms", "options": OPTIONS, **channel}
+    message = {"address": PHONE, **overrides}
+    result, box = send_once("twilio", tmp_path, faults=faults, credentials=credentials, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.wecom_app import WecomAppAdapter
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, message
+from tests.connectors.channels.harness import ProviderHarness, message, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,9 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, overrides, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("wecom-app", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, options=OPTIONS, **channel)
-            return await adapter.send(h.message(**overrides)), h.box
-
-    result, box = asyncio.run(run())
+    channel = {"options": OPTIONS, **channel}
+    credentials = WRONG if wrong else None
+    result, box = send_once("wecom-app", tmp_path, faults=faults, credentials=credentials, message=overrides, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     if case == "throttled":
         assert result.retry_after_s == 1

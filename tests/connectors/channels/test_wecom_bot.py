@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from connectors.channels.base import DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.wecom_bot import WecomBotAdapter
-from tests.connectors.channels.harness import ProviderHarness
+from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +30,10 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_cases(case: str, tmp_path) -> None:
     faults, wrong, channel, (status, code, retryable) = CASES[case]
-
-    async def run():
-        async with ProviderHarness("wecom-bot", tmp_path) as h:
-            h.box.faults = h.box.faults.model_copy(update=faults)
-            adapter = h.adapter(WRONG if wrong else None, format="wecom", **channel)
-            return await adapter.send(h.message(body="### Flash sale\n\n你好 — only 3 left")), h.box
-
-    result, box = asyncio.run(run())
+    message = {"body": "### Flash sale\n\n你好 — only 3 left"}
+    channel = {"format": "wecom", **channel}
+    credentials = WRONG if wrong else None
+    result, box = send_once("wecom-bot", tmp_path, faults=faults, credentials=credentials, message=message, **channel)
     assert (result.status, result.error_code, result.retryable) == (status, code, retryable)
     assert result.provider_message_id is None
     if case == "throttled":
