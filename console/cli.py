@@ -409,11 +409,17 @@ def bench_dispatch(
 def bench_policy(
     messages: Annotated[int, typer.Option(help="Messages through the policy checks.")] = 100_000,
     backlog: Annotated[int, typer.Option(help="Low-priority messages queued before the urgent ones.")] = 100_000,
+    layout: Annotated[
+        list[str] | None, typer.Option(help="Only these deployments (repeatable): 'urgent lane', 'one worker, …'.")
+    ] = None,
 ) -> None:
     """Policy check throughput, and urgent latency under a low-priority backlog with and without routing."""
-    from console.bench import run_policy_bench
+    from console.bench import LAYOUTS, run_policy_bench
 
-    run_policy_bench(Settings(), console, messages=messages, backlog=backlog)
+    unknown = set(layout or []) - set(LAYOUTS)
+    if unknown:
+        raise fail(f"unknown layout(s) {sorted(unknown)}; choose from {list(LAYOUTS)}")
+    run_policy_bench(Settings(), console, messages=messages, backlog=backlog, layouts=layout)
 
 
 @bench_app.command("ab")
