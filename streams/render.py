@@ -15,6 +15,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from connectors.channels.base import adapter_class
 from infra import topics
 from schemas.config import Campaign, Channel, Template
 from schemas.contracts import encode
@@ -81,6 +82,31 @@ def render_content(template: Template, values: dict[str, Any], defaults: dict[st
     }
 
 
+_PROVIDER_MAX: dict[str, tuple[Channel, tuple[int | None, int | None]]] = {}
+
+
+def provider_max(channel: Channel) -> tuple[int | None, int | None]:
+    """The tightest title and body limits among the channel's providers (any of them may send);
+    worked out once per version of a channel (the config store keeps one object per version)."""
+    cached = _PROVIDER_MAX.get(channel.id)
+    if cached is not None and cached[0] is channel:
+        return cached[1]
+    titles, bodies = [], []
+    for route in channel.routes():
+        try:
+            limits = adapter_class(route.provider).limits
+        except LookupError:
+            continue
+        titles.append(limits.title_maxlen)
+        bodies.append(limits.body_maxlen)
+    result = (
+        min((t for t in titles if t is not None), default=None),
+        min((b for b in bodies if b is not None), default=None),
+    )
+    _PROVIDER_MAX[channel.id] = (channel, result)
+    return result
+
+
 def render_message(
     message: MatchedMessage,
     profile: dict[str, Any] | None,
@@ -140,7 +166,13 @@ def render_message(
         unsubscribe = channel.unsubscribe_url or (
             f"{settings.link_base}/u/{unsubscribe_token(settings.link_secret, message.user_id, channel.id)}"
         )
-        adapted = adapt(content, channel.format, brand=channel.brand, unsubscribe_url=unsubscribe)
+        adapted = adapt(
+            content,
+            channel.format,
+            brand=channel.brand,
+            unsubscribe_url=unsubscribe,
+            provider_max=provider_max(channel),
+        )
     except AdaptationError as exc:
         return failed(OutcomeCode.render_failed, f"{channel.format}: {exc}")
     return RenderedMessage(

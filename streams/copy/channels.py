@@ -957,6 +957,17 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _tightened(rules: ChannelRules, title_max: int | None, body_max: int | None) -> ChannelRules:
+    """Only limits the format already counts are tightened, in the format's own unit: an SMS's
+    length is its segments, not a body limit."""
+    update = {}
+    if title_max is not None and rules.title_max is not None and title_max < rules.title_max:
+        update["title_max"] = title_max
+    if body_max is not None and rules.body_max is not None and body_max < rules.body_max:
+        update["body_max"] = body_max
+    return rules.model_copy(update=update) if update else rules
+
+
 def adapt(
     content: Content,
     kind: str,
@@ -964,11 +975,15 @@ def adapt(
     brand: str | None = None,
     unsubscribe_url: str | None = None,
     locale: str | None = None,
+    provider_max: tuple[int | None, int | None] = (None, None),
 ) -> Adapted:
-    """The content in the format and within the limits of channel kind; AdaptationError if it cannot be."""
+    """The content in the format and within the limits of channel kind; AdaptationError if it cannot be.
+    `provider_max` (title, body) tightens the format's limits to what the channel's providers take
+    (a WeCom app message holds half of what a WeCom bot does)."""
     rules = RULES.get(kind)
     if rules is None:
         raise LookupError(f"no channel rules for kind {kind!r}")
+    rules = _tightened(rules, *provider_max)
     urls = {"link": content.link, "image_url": content.image_url}
     if any(url and url != url.strip() for url in urls.values()):
         content = content.model_copy(update={name: url.strip() if url else url for name, url in urls.items()})

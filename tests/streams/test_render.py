@@ -140,3 +140,16 @@ def test_sms_links_are_short_codes() -> None:
         MESSAGE, {}, campaign(), template("x", link="https://shop.example/x"), CHANNEL, SETTINGS, links
     )
     assert "/c/" in other.link and len(links.issued) == 1
+
+
+def test_the_channels_providers_tighten_the_formats_limits() -> None:
+    from streams.copy.channels import RULES, Content, adapt, measure
+    from streams.render import provider_max
+
+    app = Channel(id="wecom-app-ch", provider="wecom-app", format="wecom")
+    bot = Channel(id="wecom-bot-ch", provider="wecom-bot", format="wecom")
+    assert provider_max(app)[1] == 2048 and RULES["wecom"].body_max == 4096
+    long = Content(title="Sale", short_text="好" * 3000)
+    via_app = adapt(long, "wecom", provider_max=provider_max(app))
+    via_bot = adapt(long, "wecom", provider_max=provider_max(bot))
+    assert measure(via_app.body, "bytes") <= 2048 < measure(via_bot.body, "bytes") <= 4096
