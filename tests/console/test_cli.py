@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -84,3 +86,33 @@ def test_ab_decide(tmp_path, numbers, deadline, status, winner) -> None:
     assert result.exit_code == 0, result.output
     decision = json.loads(result.output)
     assert (decision["status"], decision["winner"]) == (status, winner) and decision["reason"]
+
+
+def test_segment_compile_prints_each_dialect_and_refuses_bad_trees(tmp_path) -> None:
+    segment = {
+        "id": "deal-hunters",
+        "name": "price-sensitive in Hangzhou",
+        "root": {"type": "and", "nodes": [
+            {"type": "has_tag", "tag": "price_sensitive"},
+            {"type": "attribute", "name": "city", "op": "=", "value": "Hangzhou"},
+        ]},
+    }  # fmt: skip
+    path = tmp_path / "segment.json"
+    path.write_text(json.dumps(segment))
+    clickhouse = runner.invoke(app, ["segment", "compile", str(path), "--dialect", "clickhouse"])
+    spark = runner.invoke(app, ["segment", "compile", str(path), "--dialect", "spark", "--count"])
+    assert clickhouse.exit_code == 0 and clickhouse.stdout.startswith("SELECT user_id FROM user_attributes")
+    assert spark.exit_code == 0 and "COUNT(*) AS users" in spark.stdout and "'price_sensitive'" in spark.stdout
+    segment["root"]["nodes"][1]["name"] = "password"
+    path.write_text(json.dumps(segment))
+    refused = runner.invoke(app, ["segment", "compile", str(path)])
+    assert refused.exit_code == 1 and "unknown attribute 'password'" in refused.stderr
+
+
+def test_channels_list_names_every_provider_with_its_abilities() -> None:
+    from connectors.channels.base import REGISTRY
+
+    listed = json.loads(runner.invoke(app, ["channels", "list", "--format", "json"]).stdout)
+    assert {row["scheme"] for row in listed} == set(REGISTRY) and len(listed) >= 23
+    twilio = next(row for row in listed if row["scheme"] == "twilio")
+    assert twilio["channel_kind"] == "sms" and twilio["sends_receipts"] and "auth_token" in twilio["credentials"]
