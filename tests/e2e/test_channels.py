@@ -13,36 +13,13 @@ import pytest
 
 from connectors import warehouse
 from connectors.kafka import produce
-from connectors.state import State
 from infra import topics
 from infra.waiting import wait_for
 from schemas.config import Campaign, Channel, ProviderRoute, Template, Trigger
 from schemas.models import Event
+from tests.e2e.stack_io import fire, publish, received
 
 pytestmark = pytest.mark.e2e
-
-
-def setup(settings, documents, profiles: list[dict]) -> None:
-    async def go() -> None:
-        state = State(settings.redis)
-        await state.put_profiles(profiles)
-        await state.close()
-        await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents])
-
-    asyncio.run(go())
-
-
-def fire(settings, event_type: str, users: list[str], suffix: str = "") -> None:
-    now = datetime.now(UTC)
-    events = [
-        Event(event_id=f"{u}-{event_type}{suffix}", event_type=event_type, user_id=u, occurred_at=now) for u in users
-    ]
-    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
-
-
-def received(settings, scheme: str) -> list[dict]:
-    url = f"{settings.sandbox_base}/_sandbox/{scheme}/requests"
-    return [i["body"] for i in httpx.get(url, params={"limit": 100000}).json()["items"]]
 
 
 def faults(settings, scheme: str, **values) -> None:
@@ -81,7 +58,7 @@ def test_outage_moves_traffic_to_the_backup_and_receipts_come_back(worker) -> No
     twilio = ProviderRoute(provider="twilio", url=f"{settings.sandbox_base}/twilio", options={"from": "+15550000"})
     backup = ProviderRoute(provider="http-sms", url=f"{settings.sandbox_base}/http-sms", weight=0)
     users = [f"fo-{i}" for i in range(20)]
-    setup(
+    publish(
         settings,
         sms_campaign(settings, "fo", [twilio, backup]),
         [{"user_id": u, "name": u, "phone": f"+1555010{i:04d}"} for i, u in enumerate(users)],
@@ -107,7 +84,7 @@ def test_outage_moves_traffic_to_the_backup_and_receipts_come_back(worker) -> No
         # The primary recovers: after the breaker's pause one probe finds it well and traffic returns.
         faults(settings, "twilio", outage=False)
         late = [f"fo-late-{i}" for i in range(5)]
-        setup(settings, [], [{"user_id": u, "name": u, "phone": f"+1555020{i:04d}"} for i, u in enumerate(late)])
+        publish(settings, profiles=[{"user_id": u, "name": u, "phone": f"+1555020{i:04d}"} for i, u in enumerate(late)])
 
         def back_on_twilio() -> bool:
             fire(settings, "fo_go", late, suffix=f"-{datetime.now(UTC).timestamp()}")
@@ -123,7 +100,7 @@ def test_a_retryable_failure_is_tried_again_later_and_succeeds(worker) -> None:
     settings = worker
     route = ProviderRoute(provider="http-sms", url=f"{settings.sandbox_base}/http-sms")
     users = [f"rt-{i}" for i in range(3)]
-    setup(
+    publish(
         settings,
         sms_campaign(settings, "rt", [route]),
         [{"user_id": u, "name": u, "phone": f"+1555030{i:04d}"} for i, u in enumerate(users)],
@@ -171,7 +148,7 @@ def test_a_failed_push_falls_back_to_exactly_one_sms(worker) -> None:
         {"user_id": "fb-live", "name": "Bo", "fcm_token": "token-live-1", "phone": "+15550400002"},
         {"user_id": "fb-none", "name": "Cy", "phone": "+15550400003"},
     ]
-    setup(settings, documents, profiles)
+    publish(settings, documents, profiles)
     wh = warehouse.connect(settings)
     try:
         fire(settings, "fb_go", [p["user_id"] for p in profiles])
@@ -215,7 +192,7 @@ def test_the_inbox_lists_counts_and_marks_read(worker) -> None:
             daily_cap=1000, category="service",
         ),
     ]  # fmt: skip
-    setup(settings, documents, [{"user_id": "ib-user", "name": "Dee"}])
+    publish(settings, documents, [{"user_id": "ib-user", "name": "Dee"}])
     now = datetime.now(UTC)
     events = [
         Event(event_id=f"ib-{i}", event_type="ib_go", user_id="ib-user", occurred_at=now, properties={"order": f"A{i}"})
@@ -263,7 +240,7 @@ def test_an_undelivered_receipt_or_no_receipt_in_time_starts_the_next_channel(wo
             fallback_channels=["nr-hook"], fallback_after_s=1, template_id="nr-t", daily_cap=1000,
         ),
     ]  # fmt: skip
-    setup(settings, documents, [{"user_id": "nr-user", "name": "Eve", "phone": "+15550500001"}])
+    publish(settings, documents, [{"user_id": "nr-user", "name": "Eve", "phone": "+15550500001"}])
     faults(settings, "twilio", undelivered_rate=1.0)
     faults(settings, "http-sms", receipts=False)
     wh = warehouse.connect(settings)

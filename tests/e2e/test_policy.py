@@ -3,7 +3,6 @@ keywords and one-click links unsubscribe, and a replayed trigger is never sent t
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -11,38 +10,20 @@ import httpx
 import pytest
 
 from connectors import warehouse
-from connectors.kafka import produce
-from connectors.state import State
-from infra import topics
 from infra.waiting import wait_for
 from schemas.config import Campaign, Channel, Template, Trigger
-from schemas.models import Event
 from streams.policy import QuietHours
+from tests.e2e.stack_io import fire, publish, received
 
 pytestmark = pytest.mark.e2e
 
 
 def setup(settings, documents, users: list[str]) -> None:
-    async def go() -> None:
-        state = State(settings.redis)
-        await state.put_profiles([{"user_id": u, "name": u[-2:]} for u in users])
-        await state.close()
-        await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents])
-
-    asyncio.run(go())
-
-
-def fire(settings, event_type: str, users: list[str], suffix: str = "") -> None:
-    now = datetime.now(UTC)
-    events = [
-        Event(event_id=f"{u}-{event_type}{suffix}", event_type=event_type, user_id=u, occurred_at=now) for u in users
-    ]
-    asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
+    publish(settings, documents, [{"user_id": u, "name": u[-2:]} for u in users])
 
 
 def arrived(settings, campaign_id: str) -> list[dict]:
-    items = httpx.get(f"{settings.sandbox_base}/_sandbox/webhook/requests", params={"limit": 100000}).json()["items"]
-    return [i["body"] for i in items if i["body"]["campaign_id"] == campaign_id]
+    return received(settings, campaign_id=campaign_id)
 
 
 def codes(wh, campaign_id: str) -> Counter:
