@@ -119,3 +119,22 @@ async def send_keyed(
         batch.close()
         acks.append(await producer.send_batch(batch, topic, partition=partition))
     return acks
+
+
+async def skip_to_end(bootstrap: str, group_id: str, topic_names: Sequence[str]) -> int:
+    """Move a consumer group past everything queued in these topics (while none of its members
+    runs); returns how many records were skipped. For benchmarks that must not inherit a backlog."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        assigned = [tp for name in topic_names for tp in await partitions(consumer, name)]
+        consumer.assign(assigned)
+        ends = await consumer.end_offsets(assigned)
+        skipped = 0
+        for tp in assigned:
+            committed = await consumer.committed(tp)
+            skipped += ends[tp] - (committed or 0)
+        await consumer.commit(ends)
+        return skipped
+    finally:
+        await consumer.stop()

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from connectors.kafka import group_lag, produce
+from connectors.kafka import group_lag, produce, skip_to_end
 from console.services import INFRA, stack
 from infra import topics
 from infra.settings import Settings
@@ -391,6 +391,9 @@ def priority_run(settings: Settings, local, layout: str, backlog: int, progress:
 
     run = uuid.uuid4().hex[:6]
     local.stop(["worker", "worker-urgent"])
+    # Each deployment starts from the same place: what an earlier run left queued is skipped.
+    lower = [topics.DISPATCH_LOW.name, topics.DISPATCH_NORMAL.name]
+    asyncio.run(skip_to_end(settings.bootstrap, settings.app_id, lower))
     env = {"LOOPCAST_PRIORITY_ROUTING": str(layout != "one worker, routing off").lower()}
     if layout == "urgent lane":
         env["LOOPCAST_STAGES"] = ",".join(BULK_LANE)
