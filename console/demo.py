@@ -61,6 +61,7 @@ class Shoppers:
     """Click and purchase behaviour, deterministic per message so a rerun tells the same story."""
 
     seed: int
+    run: str = ""  # this run's user id prefix: shoppers act on their own messages only
     # True click rates per copy variant: the A/B test is there to find out which is better.
     p_click: dict[str | None, float] = field(default_factory=lambda: {"scarcity": 0.28, "discount": 0.40, None: 0.35})
     p_buy_after_click: float = 0.45
@@ -74,12 +75,14 @@ class Shoppers:
         return random.Random(f"{self.seed}:{message_id}:{what}").random()
 
 
-def make_shop(users: int, seed: int) -> Shop:
+def make_shop(users: int, seed: int, run: str) -> Shop:
+    """Shoppers of this run: their behaviour follows the seed, their ids are new each run, so a
+    rerun on a stack that still holds earlier runs (caps, dedup claims, funnels) tells the story anew."""
     rng = random.Random(seed)
     profiles = []
     for i in range(users):
         profile = {
-            "user_id": f"u{i:05d}",
+            "user_id": f"{run}-u{i:05d}",
             "city": rng.choice(CITIES),
             "vip_level": rng.choice([0, 0, 1, 2, 3]),
             "tags": rng.sample(["price_sensitive", "anime_fan", "full_price_preference", "night_owl"], k=2),
@@ -259,7 +262,7 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
         purchases = []
         for item in items:
             body, message_id = item["body"], item["body"]["message_id"]
-            if body.get("campaign_id") not in CAMPAIGNS:
+            if body.get("campaign_id") not in CAMPAIGNS or not str(body.get("user_id", "")).startswith(shoppers.run):
                 continue
             if item["receipt_status"] != "delivered" or message_id in shoppers.seen or not body.get("link"):
                 continue
@@ -287,11 +290,14 @@ async def react(settings: Settings, shoppers: Shoppers, client: httpx.AsyncClien
 DECISION_AFTER_SQL = "SELECT 1 FROM ab_decisions WHERE campaign_id = {campaign:String} AND samples > 0 LIMIT 1"
 
 
-def totals(wh) -> dict:
-    """The demo's campaigns added up: what the waits compare against."""
-    rows = [r for r in warehouse.funnel(wh) if r["campaign_id"] in CAMPAIGNS]
-    keys = ("targeted", "sent", "delivered", "undelivered", "clicked", "converted")
-    return {k: sum(int(r.get(k) or 0) for r in rows) for k in keys}
+FUNNEL_KEYS = ("targeted", "sent", "delivered", "undelivered", "clicked", "converted")
+
+
+def totals(wh, campaigns: tuple[str, ...] = CAMPAIGNS, since: dict | None = None) -> dict:
+    """The demo's campaigns added up, minus what earlier runs left (`since`): what the waits compare."""
+    rows = [r for r in warehouse.funnel(wh) if r["campaign_id"] in campaigns]
+    now = {k: sum(int(r.get(k) or 0) for r in rows) for k in FUNNEL_KEYS}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
 def run_demo(settings: Settings, console: Console, *, users: int, seed: int, keep_running: bool) -> dict:
@@ -300,10 +306,18 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
     console.rule("[bold]Loopcast demo: cart abandonment")
     with console.status("starting Kafka, Redis, the provider sandbox and a worker…"):
         local.up([*INFRA, "sandbox", "worker"])
-    shop = make_shop(users, seed)
+    run = datetime.now(UTC).strftime("r%m%d%H%M%S")
+    shop = make_shop(users, seed, run)
     warmup, previews = warmup_events(shop, seed)
     events = trigger_events(shop, seed)
-    shoppers = Shoppers(seed=seed)
+    shoppers = Shoppers(seed=seed, run=run)
+    # Never twice: some triggers arrive again, as a producer's retry or a replay would send them.
+    replayed = events[:: max(1, len(events) // 25)]
+    wh = warehouse.connect(settings)
+    try:
+        before, warm_before = totals(wh), totals(wh, (WARMUP,))
+    finally:
+        wh.close()
 
     async def setup() -> None:
         async with httpx.AsyncClient() as client:
@@ -317,6 +331,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
         await produce(settings.bootstrap, topics.CONFIG.name, [(d.key, d.to_record()) for d in documents(settings)])
         await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in warmup])
         await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events])
+        await produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in replayed])
         await produce_raw(settings.bootstrap, topics.EVENTS.name, [(None, bad) for bad in MALFORMED])
 
     asyncio.run(setup())
@@ -333,15 +348,14 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
             settled = progress.add_task("messages settled", total=len(events))
 
             def all_terminal() -> bool:
-                row = totals(wh)
+                row = totals(wh, since=before)
                 progress.update(settled, completed=int(row.get("targeted") or 0))
                 return int(row.get("targeted") or 0) >= len(events)
 
             wait_for(all_terminal, timeout_s=180, what="every message to reach a terminal outcome")
 
             def previews_settled() -> bool:
-                rows = [r for r in warehouse.funnel(wh) if r["campaign_id"] == WARMUP]
-                return bool(rows) and int(rows[0]["targeted"]) >= previews
+                return totals(wh, (WARMUP,), since=warm_before)["targeted"] >= previews
 
             wait_for(previews_settled, timeout_s=120, what=f"{previews} warm-up previews to settle")
 
@@ -349,7 +363,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
 
             def loop_settled() -> bool:
                 asyncio.run(_react_once(settings, shoppers))
-                row = totals(wh)
+                row = totals(wh, since=before)
                 progress.update(
                     reacting, description=f"shoppers: {shoppers.clicks} clicks, {shoppers.purchases} purchases"
                 )
@@ -368,9 +382,17 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
         dead = wh.query("SELECT stage, reason FROM dead_letters FINAL ORDER BY offset")
         tagged = wh.query("SELECT count() AS n FROM user_tag_changes WHERE tag = 'price_sensitive'")[0]["n"]
         previewed = wh.query(
-            "SELECT user_id FROM outcomes WHERE campaign_id = {c:String} AND code = 'sent' ORDER BY user_id LIMIT 1",
-            {"c": WARMUP},
+            "SELECT user_id FROM outcomes WHERE campaign_id = {c:String} AND code = 'sent'"
+            " AND startsWith(user_id, {run:String}) ORDER BY user_id LIMIT 1",
+            {"c": WARMUP, "run": run},
         )
+        mine = "startsWith(user_id, {run:String}) AND campaign_id IN ({cart:String}, {unpaid:String})"
+        twice = wh.query(
+            f"SELECT countIf(code = 'deduplicated') AS replays, uniqExactIf(message_id, code = 'sent') AS sent,"
+            f" countIf(code = 'sent') - uniqExactIf(message_id, code = 'sent') AS sent_twice FROM outcomes FINAL"
+            f" WHERE {mine}",
+            {"run": run, "cart": CART, "unpaid": UNPAID},
+        )[0]
     finally:
         wh.close()
     console.rule("[bold]Funnel (from ClickHouse)")
@@ -380,6 +402,10 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
     console.print(
         f"warm-up: {tagged} shoppers tagged price_sensitive by the coupon rule; {previews} previews owed to the "
         f"segment; {sample}'s in-app inbox: {len(inbox['items'])} message(s), {inbox['unread']} unread"
+    )
+    console.print(
+        f"never twice: {len(replayed)} trigger events arrived again → {twice['sent_twice']} messages sent twice "
+        f"({twice['replays']} caught as duplicates, the others suppressed again by the cap that stopped them)"
     )
     console.print(f"dead letters kept with their reason: {len(dead)}")
     for letter in dead[:5]:
