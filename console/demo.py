@@ -306,7 +306,8 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
     console.rule("[bold]Loopcast demo: cart abandonment")
     with console.status("starting Kafka, Redis, the provider sandbox and a worker…"):
         local.up([*INFRA, "sandbox", "worker"])
-    run = datetime.now(UTC).strftime("r%m%d%H%M%S")
+    run_started = datetime.now(UTC)
+    run = run_started.strftime("r%m%d%H%M%S")
     shop = make_shop(users, seed, run)
     warmup, previews = warmup_events(shop, seed)
     events = trigger_events(shop, seed)
@@ -379,7 +380,11 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
 
             wait_for(loop_settled, timeout_s=180, interval_s=0.5, what="receipts, clicks and conversions to settle")
         rows = [r for r in funnel_report(wh) if r["campaign_id"] in (WARMUP, *CAMPAIGNS)]
-        dead = wh.query("SELECT stage, reason FROM dead_letters FINAL ORDER BY offset")
+        dead = wh.query(
+            "SELECT stage, reason FROM dead_letters FINAL WHERE occurred_at >= {since:DateTime64(3, 'UTC')}"
+            " ORDER BY offset",
+            {"since": run_started},
+        )
         tagged = wh.query("SELECT count() AS n FROM user_tag_changes WHERE tag = 'price_sensitive'")[0]["n"]
         previewed = wh.query(
             "SELECT user_id FROM outcomes WHERE campaign_id = {c:String} AND code = 'sent'"
@@ -407,7 +412,7 @@ def run_demo(settings: Settings, console: Console, *, users: int, seed: int, kee
         f"never twice: {len(replayed)} trigger events arrived again → {twice['sent_twice']} messages sent twice "
         f"({twice['replays']} caught as duplicates, the others suppressed again by the cap that stopped them)"
     )
-    console.print(f"dead letters kept with their reason: {len(dead)}")
+    console.print(f"dead letters kept with their reason (this run): {len(dead)}")
     for letter in dead[:5]:
         console.print(f"  [dim]{letter['stage']}[/]: {letter['reason'][:100]}")
     console.print(f"demo finished in {time.monotonic() - started:.0f}s")
