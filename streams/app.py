@@ -85,7 +85,7 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
         return [tp for tp in app.consumer.assignment() if tp.topic in lower]
 
     runtime.gate.bind(
-        pause=lambda: app.consumer.pause_partitions(lower_partitions()),
+        pause=lambda: pause_fetching(app.consumer, lower_partitions()),
         resume=lambda: app.consumer.resume_partitions(lower_partitions()),
     )
 
@@ -97,6 +97,17 @@ def build(settings: Settings, stages: list[StageSpec]) -> tuple[faust.App, Runti
         ready_file(settings).write_text(str(os.getpid()))
 
     return app, runtime
+
+
+def pause_fetching(consumer, partitions) -> None:
+    """Consumer.pause_partitions without losing records. Faust's version edits the very set its
+    fetch loop is iterating with, so the rest of the batch in flight for a paused partition was
+    skipped, and the consumer's position had already moved past it. A new set leaves that batch
+    whole; what aiokafka has fetched beyond it stays in aiokafka's buffer until the resume."""
+    paused = set(partitions)
+    if paused:
+        consumer._paused_partitions.update(paused)
+        consumer._active_partitions = set(consumer._get_active_partitions()) - paused
 
 
 def ready_file(settings: Settings) -> Path:
