@@ -57,13 +57,21 @@ def stack_prepare() -> None:
 @stack_app.command("up")
 def stack_up(
     workers: Annotated[bool, typer.Option("--workers/--no-workers", help="Also start a background worker.")] = False,
+    urgent_lane: Annotated[
+        bool, typer.Option(help="Workers as two lanes: urgent (match → dispatch.high) and bulk (the rest).")
+    ] = False,
 ) -> None:
     """Start (or keep) the local stack; safe to run twice."""
     from console.services import INFRA, stack
+    from streams.topology import BULK_LANE
 
-    services = [*INFRA, "sandbox", *(["worker"] if workers else [])]
+    services = [*INFRA, "sandbox", *(["worker"] if workers or urgent_lane else [])]
+    env = {"LOOPCAST_STAGES": ",".join(BULK_LANE)} if urgent_lane else None
     with console.status("starting the local stack…") as status:
-        stack(Settings(), progress=lambda msg: status.update(msg)).up(services)
+        local = stack(Settings(), progress=lambda msg: status.update(msg), worker_env=env)
+        if urgent_lane and not any(s.name == "worker-urgent" and s.running for s in local.status()):
+            local.stop(["worker"])  # a worker running every stage would do the urgent lane's work twice
+        local.up([*services, *(["worker-urgent"] if urgent_lane else [])])
     stack_status()
 
 
