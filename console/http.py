@@ -170,7 +170,8 @@ class Endpoints:
                 triggered_at=datetime.fromisoformat(target["triggered_at"]),
             )
             await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
-            await self.settle_fallback(outcome.message_id, receipt.delivered)
+            if target.get("fallback"):
+                await self.settle_fallback(outcome.message_id, receipt.delivered)
         if unknown:
             # A receipt can overtake our record of the send; a 404 makes the provider retry,
             # as SMS gateways and push services do for any non-2xx answer.

@@ -56,13 +56,14 @@ def failed_without_provider(message: RenderedMessage, reason: str, attempt: int 
     return Outcome.of(message, OutcomeCode.failed, "dispatch", reason, attempt=attempt)
 
 
-def touch_of(outcome: Outcome) -> Touch:
+def touch_of(outcome: Outcome, fallback: bool = False) -> Touch:
     return Touch(
         message_id=outcome.message_id,
         campaign_id=outcome.campaign_id,
         channel=outcome.channel,
         triggered_at=outcome.triggered_at,
         sent_at=outcome.occurred_at,
+        fallback=fallback,
     )
 
 
@@ -90,12 +91,18 @@ async def fall_back(state, send, message_id: str) -> bool:
     return True
 
 
+def has_fallback(rt, message: RenderedMessage) -> bool:
+    """Whether the campaign has a channel after this message's (render stashed it, to be settled)."""
+    campaign = rt.config.campaign(message.campaign_id)
+    return campaign is not None and campaign.next_channel(message.channel) is not None
+
+
 async def settle(rt, out, message: RenderedMessage, outcome: Outcome, sends_receipts: bool) -> None:
     """After a final outcome: a failure falls back to the next channel; a send either waits for its
     receipt (the campaign's window) or is final."""
-    campaign = rt.config.campaign(message.campaign_id)
-    if campaign is None or campaign.next_channel(message.channel) is None:
+    if not has_fallback(rt, message):
         return
+    campaign = rt.config.campaign(message.campaign_id)
     if outcome.code is OutcomeCode.failed:
         await fall_back(rt.user_state, out.send, message.message_id)
     elif not sends_receipts:
@@ -177,9 +184,8 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
             if outcome.code is OutcomeCode.sent:
                 # Right away, not at the end of the batch: a provider's receipt can come back
                 # within milliseconds and must find its message.
-                await rt.record_send(
-                    (outcome.user_id, touch_of(outcome), outcome.provider, outcome.provider_message_id)
-                )
+                touch = touch_of(outcome, fallback=has_fallback(rt, message))
+                await rt.record_send((outcome.user_id, touch, outcome.provider, outcome.provider_message_id))
             await settle(rt, out, message, outcome, adapter.sends_receipts)
             return
         failed.add(keys[index])

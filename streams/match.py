@@ -73,6 +73,9 @@ class Touch(BaseModel):
     channel: str
     triggered_at: datetime
     sent_at: datetime
+    # A channel fallback waits on this message's fate: its receipt must settle it (one lookup saved
+    # per receipt of every other message).
+    fallback: bool = False
 
 
 def attribute_conversion(event: Event, campaigns: list[Campaign], touches: dict[str, Touch]) -> list[Outcome]:
