@@ -9,8 +9,9 @@ import socket
 import pytest
 
 from infra.settings import Settings
+from tests.ports import free_port_block
 
-PORT_VARS = ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "REDIS_PORT", "HTTP_PORT", "SANDBOX_PORT")
+PORT_VARS = ("KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "REDIS_PORT", "HTTP_PORT")
 
 
 def _free_ports(n: int) -> list[int]:
@@ -28,6 +29,8 @@ def _free_ports(n: int) -> list[int]:
 def stack_env(tmp_path_factory) -> Settings:
     """Environment for this session's stack; child processes (sandbox, worker, CLI) inherit it."""
     env = {f"LOOPCAST_{name}": str(port) for name, port in zip(PORT_VARS, _free_ports(len(PORT_VARS)), strict=True)}
+    # The sandbox also serves SMTP and APNs on its port + 1 and + 2.
+    env["LOOPCAST_SANDBOX_PORT"] = str(free_port_block(3, avoid={int(p) for p in env.values()}))
     env |= {
         "LOOPCAST_HOME": str(tmp_path_factory.mktemp("loopcast-home")),
         "LOOPCAST_APP_ID": "loopcast-test",

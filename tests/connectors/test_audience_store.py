@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import redis
 from pyroaring import BitMap
 
 from connectors.audience_store import UNIVERSE, AudienceStore, Expr
+from tests.redis_server import running_redis
 
 pytestmark = pytest.mark.integration
 
@@ -26,50 +25,11 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a free port, without persistence, stopped after the module."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    args = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
-    ]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not answer PING") from None
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        server.terminate()
-        server.wait(timeout=10)
+def redis_url() -> Iterator[str]:
+    """A private redis-server, without persistence, stopped after the module."""
+    with running_redis() as url:
+        yield url
 
 
 def run(url: str, scenario: Callable[[AudienceStore], Awaitable[T]]) -> T:
@@ -135,6 +95,7 @@ def test_racing_tasks_never_give_a_user_two_ints(redis_url: str) -> None:
 RACER = """
 import asyncio, sys
 from connectors.audience_store import AudienceStore
+
 async def main():
     store = AudienceStore(sys.argv[1])
     ids = [f"p-{i}" for i in range(int(sys.argv[2]), int(sys.argv[3]))][::int(sys.argv[4])]

@@ -11,16 +11,11 @@ pointed at the sandbox by configuration only (the channel's url).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import redis
 from aiohttp import web
 
 from connectors.channels.base import (
@@ -36,12 +31,7 @@ from connectors.channels.sandboxes.core import Sandbox
 from infra.settings import Settings
 from schemas.config import Channel
 from schemas.models import Priority, RenderedMessage
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port, free_port_block
 
 
 def message(**overrides: Any) -> RenderedMessage:
@@ -64,7 +54,9 @@ class ProviderHarness:
     def __init__(self, scheme: str, home: Path, **settings: Any) -> None:
         self.scheme = scheme
         self.cls: type[ChannelAdapter] = adapter_class(scheme)
-        self.settings = Settings(home=home, http_port=free_port(), sandbox_port=free_port(), **settings)
+        http_port = free_port()
+        sandbox_port = free_port_block(3, avoid={http_port})
+        self.settings = Settings(home=home, http_port=http_port, sandbox_port=sandbox_port, **settings)
         self.credentials = self.cls.credentials_from(self.settings)
         self.parsed: list[Receipt] = []
         self.refused: list[ReceiptRejected] = []
@@ -156,32 +148,6 @@ def send_once(
             return await h.adapter(given, **channel).send(h.message(**(message or {}))), h.box
 
     return asyncio.run(run())
-
-
-@contextlib.contextmanager
-def running_redis(password: str | None = None) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port (no persistence; `password` required when given):
-    its URL once it answers PING, the process stopped afterwards."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    command += ["--requirepass", password] if password else []
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
-    try:
-        client, deadline = redis.Redis.from_url(url), time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)  # polling a starting process, with a deadline
-        client.close()
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def elapsed_ms(start: float) -> float:

@@ -15,7 +15,9 @@ from connectors.channels.base import DeliveryStatus, adapter_class
 from connectors.channels.inbox import InboxAdapter
 from connectors.inbox_store import InboxStore
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, free_port, message, running_redis
+from tests.connectors.channels.harness import ProviderHarness, message
+from tests.ports import free_port
+from tests.redis_server import running_redis
 
 pytestmark = pytest.mark.integration
 
