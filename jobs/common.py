@@ -5,6 +5,7 @@ so they move whole tables in and out; every load-back replaces what an earlier r
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -12,7 +13,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,3 +309,34 @@ def read_manifest(out_dir: Path, name: str) -> dict[str, Any]:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise JobError(f"{path} not found: run the job into {out_dir} first") from None
+
+
+def job_main(
+    argv: Sequence[str] | None,
+    *,
+    description: str,
+    name: str,
+    input_help: str,
+    output_help: str,
+    definitions: str,
+    definitions_help: str,
+    run: Callable[[Any, Path, Path, Any, dt.datetime], Any],
+    load: Callable[[Path], Any],
+    summary: Callable[[Any], dict[str, Any]],
+) -> int:
+    """The command line both jobs share (what spark-submit runs): input and output folders, the
+    definitions file (tag rules, segments), an optional instant; prints a JSON summary."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--input", required=True, type=Path, help=input_help)
+    parser.add_argument("--output", required=True, type=Path, help=output_help)
+    parser.add_argument(f"--{definitions}", required=True, type=Path, help=definitions_help)
+    parser.add_argument("--now", help="ISO 8601 instant the job is evaluated at (default: now)")
+    parser.add_argument("--master", default=os.environ.get("LOOPCAST_SPARK_MASTER"), help="default: local[1]")
+    args = parser.parse_args(argv)
+    spark = spark_session(args.master, app_name=f"loopcast-{name}")
+    try:
+        result = run(spark, args.input, args.output, load(getattr(args, definitions)), parse_now(args.now))
+    finally:
+        spark.stop()
+    print(json.dumps({"now": result.now.isoformat(), **summary(result)}))
+    return 0

@@ -4,10 +4,8 @@ evaluating it user by user; then load the membership back into ClickHouse and Re
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,12 +23,11 @@ from jobs.common import (  # noqa: E402
     AUDIENCE_TABLES,
     JobError,
     insert_table,
-    parse_now,
+    job_main,
     read_manifest,
     read_parquet,
     replace_set,
     require_writable,
-    spark_session,
     sql_string,
     write_manifest,
 )
@@ -189,20 +186,18 @@ def load_back(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="directory holding the four audience tables")
-    parser.add_argument("--output", required=True, type=Path, help="directory for segment_membership (Parquet)")
-    parser.add_argument("--segments", required=True, type=Path, help="JSON list of segments")
-    parser.add_argument("--now", help="ISO 8601 instant the segments are evaluated at (default: now)")
-    parser.add_argument("--master", default=os.environ.get("LOOPCAST_SPARK_MASTER"), help="default: local[1]")
-    args = parser.parse_args(argv)
-    spark = spark_session(args.master, app_name="loopcast-segments")
-    try:
-        result = run(spark, args.input, args.output, load_segments(args.segments), parse_now(args.now))
-    finally:
-        spark.stop()
-    print(json.dumps({"now": result.now.isoformat(), "members": result.members}))
-    return 0
+    return job_main(
+        argv,
+        description=__doc__.splitlines()[0],
+        name="segments",
+        input_help="directory holding the four audience tables",
+        output_help="directory for segment_membership (Parquet)",
+        definitions="segments",
+        definitions_help="JSON list of segments",
+        run=run,
+        load=load_segments,
+        summary=lambda result: {"members": result.members},
+    )
 
 
 if __name__ == "__main__":

@@ -4,10 +4,8 @@ Redis. `run` documents the input, output and replay rules."""
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +21,9 @@ if _REPO_ROOT not in sys.path:
 from jobs.common import (  # noqa: E402
     JobError,
     insert_table,
-    parse_now,
+    job_main,
     read_manifest,
     read_parquet,
-    spark_session,
     sql_string,
     sync_sets,
     write_manifest,
@@ -303,20 +300,18 @@ def load_back(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, type=Path, help="directory holding user_events/ (Parquet)")
-    parser.add_argument("--output", required=True, type=Path, help="directory for the Parquet outputs")
-    parser.add_argument("--rules", required=True, type=Path, help="JSON list of tag rules")
-    parser.add_argument("--now", help="ISO 8601 instant the replay stops at (default: now)")
-    parser.add_argument("--master", default=os.environ.get("LOOPCAST_SPARK_MASTER"), help="default: local[1]")
-    args = parser.parse_args(argv)
-    spark = spark_session(args.master, app_name="loopcast-tags")
-    try:
-        result = run(spark, args.input, args.output, load_rules(args.rules), parse_now(args.now))
-    finally:
-        spark.stop()
-    print(json.dumps({"now": result.now.isoformat(), **{k: v for k, v in vars(result).items() if k != "now"}}))
-    return 0
+    return job_main(
+        argv,
+        description=__doc__.splitlines()[0],
+        name="tags",
+        input_help="directory holding user_events/ (Parquet)",
+        output_help="directory for the Parquet outputs",
+        definitions="rules",
+        definitions_help="JSON list of tag rules",
+        run=run,
+        load=load_rules,
+        summary=lambda result: {k: v for k, v in vars(result).items() if k != "now"},
+    )
 
 
 if __name__ == "__main__":
