@@ -21,9 +21,9 @@ from connectors.channels.base import (
     HttpAdapter,
     Limits,
     Receipt,
-    ReceiptRejected,
     ReceiptRequest,
     accepted,
+    batched_receipts,
     malformed,
     query_value,
     rejected,
@@ -91,23 +91,16 @@ class AliyunSmsAdapter(HttpAdapter):
     def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
         expected = credentials.receipt_token.get_secret_value()
         require_secret(query_value(request, "token"), expected, reason="receipt token missing or wrong")
-        try:
-            reports = json.loads(request.body)
-            if not isinstance(reports, list):
-                raise TypeError("SmsReport push is a JSON array")
-            receipts = []
-            for report in reports:
-                delivered = report["success"] is True
-                receipts.append(
-                    Receipt(
-                        provider_message_id=str(report["biz_id"]),
-                        delivered=delivered,
-                        error_code=None if delivered else str(report.get("err_code") or "UNDELIVERED"),
-                    )
-                )
-            return receipts
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ReceiptRejected(f"malformed SmsReport: {exc!r}") from None
+
+        def read(report: dict) -> Receipt:
+            delivered = report["success"] is True
+            return Receipt(
+                provider_message_id=str(report["biz_id"]),
+                delivered=delivered,
+                error_code=None if delivered else str(report.get("err_code") or "UNDELIVERED"),
+            )
+
+        return batched_receipts(request.body, "SmsReport push", read)
 
     @classmethod
     def receipt_answer(cls) -> tuple[int, str, str]:
@@ -154,10 +147,7 @@ class AliyunSmsAdapter(HttpAdapter):
         if isinstance(response, DeliveryResult):
             return response
         text = response.text
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = None
+        answer = response.json_object()
         code = answer.get("Code") if isinstance(answer, dict) else None
         if code in THROTTLED:
             wait = flow_control_wait(str(answer.get("Message", ""))) or response.retry_after

@@ -135,6 +135,14 @@ class Answer:
         """The body as JSON; raises ValueError when it is not."""
         return json.loads(self.text)
 
+    def json_object(self) -> dict[str, Any] | None:
+        """The body as a JSON object, or None when it is anything else (an HTML error page, say)."""
+        try:
+            body = json.loads(self.text)
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
     def failure(self, code: str | None = None, *, transient: bool = False) -> DeliveryResult:
         """This (non-2xx) answer as a failed delivery: see `http_failure`."""
         return http_failure(self.status, self.text, self.retry_after, code=code, transient=transient)
@@ -250,6 +258,18 @@ class ReceiptRejected(Exception):
     def __init__(self, reason: str, status: int = 400) -> None:
         super().__init__(reason)
         self.status = status
+
+
+def batched_receipts(body: bytes, what: str, read: Callable[[dict[str, Any]], Receipt | None]) -> list[Receipt]:
+    """Receipts from a gateway that pushes its delivery reports as a JSON array: each report read by
+    `read` (None for one that is not final yet); anything malformed refuses the whole callback."""
+    try:
+        reports = json.loads(body)
+        if not isinstance(reports, list):
+            raise TypeError(f"{what} is a JSON array")
+        return [receipt for receipt in map(read, reports) if receipt is not None]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReceiptRejected(f"malformed {what}: {exc!r}") from None
 
 
 def bad_signature(reason: str = "signature does not verify") -> ReceiptRejected:

@@ -122,10 +122,7 @@ class HttpSmsAdapter(HttpAdapter):
         if isinstance(response, DeliveryResult):
             return response
         text = response.text
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = None
+        answer = response.json_object()
         if not response.ok:
             code = answer.get("error") if isinstance(answer, dict) else None
             return response.failure(code=str(code) if code else None)

@@ -20,10 +20,10 @@ from connectors.channels.base import (
     HttpAdapter,
     Limits,
     Receipt,
-    ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
+    batched_receipts,
     http_failure,
     malformed,
 )
@@ -130,23 +130,16 @@ class SendgridAdapter(HttpAdapter):
             request.headers.get(TIMESTAMP_HEADER),
         ):
             raise bad_signature()
-        try:
-            events = json.loads(request.body)
-            if not isinstance(events, list):
-                raise TypeError("the Event Webhook posts a JSON array")
-            receipts = []
-            for event in events:
-                kind = event["event"]
-                if kind not in ("delivered", "bounce", "dropped"):
-                    continue
-                provider_id = str(event["sg_message_id"]).split(".", 1)[0]
-                error = None if kind == "delivered" else str(event.get("type") or event.get("reason") or kind)
-                receipts.append(
-                    Receipt(provider_message_id=provider_id, delivered=kind == "delivered", error_code=error)
-                )
-            return receipts
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ReceiptRejected(f"malformed event batch: {exc!r}") from None
+
+        def read(event: dict) -> Receipt | None:
+            kind = event["event"]
+            if kind not in ("delivered", "bounce", "dropped"):
+                return None  # processed, deferred, open, click: not a final delivery report
+            provider_id = str(event["sg_message_id"]).split(".", 1)[0]
+            error = None if kind == "delivered" else str(event.get("type") or event.get("reason") or kind)
+            return Receipt(provider_message_id=provider_id, delivered=kind == "delivered", error_code=error)
+
+        return batched_receipts(request.body, "event batch", read)
 
     @classmethod
     def receipt_answer(cls) -> tuple[int, str, str]:

@@ -20,9 +20,9 @@ from connectors.channels.base import (
     HttpAdapter,
     Limits,
     Receipt,
-    ReceiptRejected,
     ReceiptRequest,
     accepted,
+    batched_receipts,
     malformed,
     query_value,
     rejected,
@@ -119,23 +119,16 @@ class TencentSmsAdapter(HttpAdapter):
     def parse_receipts(cls, credentials: Credentials, request: ReceiptRequest) -> list[Receipt]:
         expected = credentials.receipt_token.get_secret_value()
         require_secret(query_value(request, "token"), expected, reason="receipt token missing or wrong")
-        try:
-            reports = json.loads(request.body)
-            if not isinstance(reports, list):
-                raise TypeError("the status callback is a JSON array")
-            receipts = []
-            for report in reports:
-                delivered = report["report_status"] == "SUCCESS"
-                receipts.append(
-                    Receipt(
-                        provider_message_id=str(report["sid"]),
-                        delivered=delivered,
-                        error_code=None if delivered else str(report.get("errmsg") or report["report_status"]),
-                    )
-                )
-            return receipts
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ReceiptRejected(f"malformed status callback: {exc!r}") from None
+
+        def read(report: dict) -> Receipt:
+            delivered = report["report_status"] == "SUCCESS"
+            return Receipt(
+                provider_message_id=str(report["sid"]),
+                delivered=delivered,
+                error_code=None if delivered else str(report.get("errmsg") or report["report_status"]),
+            )
+
+        return batched_receipts(request.body, "status callback", read)
 
     @classmethod
     def receipt_answer(cls) -> tuple[int, str, str]:

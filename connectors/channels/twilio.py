@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -135,10 +134,7 @@ class TwilioAdapter(HttpAdapter):
         if isinstance(response, DeliveryResult):
             return response
         text = response.text
-        try:
-            answer = json.loads(text)
-        except ValueError:
-            answer = None
+        answer = response.json_object()
         if not response.ok:
             code = answer.get("code") if isinstance(answer, dict) else None
             # 20003 (authenticate) and 21211 (invalid To) stay final; 20429 / 5xx retry via the status.
