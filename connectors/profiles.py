@@ -62,15 +62,16 @@ class Profiles:
         window) and apply tag effects (tag → (present, rule)); returns the tags that really changed."""
         pipe = self.redis.pipeline(transaction=False)
         applied: list[tuple[int, Event, str, bool, str]] = []  # (command index, …)
+        # History is kept for the longest window any segment looks back (one set per user).
+        keep_ms = int(max(windows.values()).total_seconds() * 1000) if windows else 0
         for event, effect in zip(events, effects, strict=True):
-            window = windows.get(event.event_type)
-            if window is not None:
+            if event.event_type in windows:
                 key = events_key(event.user_id)
                 at_ms = int(event.occurred_at.timestamp() * 1000)
                 pipe.zadd(key, {f"{event.event_type}{SEP}{event.event_id}": at_ms})
-                pipe.zremrangebyscore(key, "-inf", at_ms - int(max(windows.values()).total_seconds() * 1000))
+                pipe.zremrangebyscore(key, "-inf", at_ms - keep_ms)
                 pipe.zremrangebyrank(key, 0, -MAX_EVENTS_PER_USER - 1)
-                pipe.pexpire(key, int(max(windows.values()).total_seconds() * 1000) + 86_400_000)
+                pipe.pexpire(key, keep_ms + 86_400_000)
             for tag, (present, rule) in effect.items():
                 applied.append((len(pipe.command_stack), event, tag, present, rule))
                 (pipe.sadd if present else pipe.srem)(tags_key(event.user_id), tag)

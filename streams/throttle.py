@@ -39,14 +39,17 @@ def parse_quiet_hours(text: str) -> QuietHours:
     return QuietHours(start=time.fromisoformat(start.strip()), end=time.fromisoformat(end.strip()))
 
 
-def push_vendor(channel: Channel | None) -> str | None:
-    """The phone maker whose push service the channel's provider is, if any (its daily limits apply)."""
-    if channel is None:
-        return None
+@lru_cache(maxsize=256)
+def _vendor_of(provider: str) -> str | None:
     try:
-        return adapter_class(channel.provider).push_vendor
+        return adapter_class(provider).push_vendor
     except LookupError:
         return None
+
+
+def push_vendor(channel: Channel | None) -> str | None:
+    """The phone maker whose push service the channel's provider is, if any (its daily limits apply)."""
+    return None if channel is None else _vendor_of(channel.provider)
 
 
 def dispatch_topic(message: RenderedMessage) -> str:
