@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from console.audience_cli import broadcast_app, package_app
+from console.copy_cli import copy_app
 from console.jobs_cli import jobs_app
 from console.profiles_cli import profiles_app
 from infra.settings import Settings
@@ -121,6 +122,7 @@ app.add_typer(channels_app, name="channels")
 app.add_typer(package_app, name="package")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(copy_app, name="copy")
 app.add_typer(broadcast_app, name="broadcast")
 
 
