@@ -42,7 +42,7 @@ from aiohttp import web
 
 from infra.clickhouse import Migration
 from infra.clickhouse import migrations as bundled_migrations
-from schemas.models import DeadLetter, Event, Outcome, TagChange
+from schemas.models import Alert, DeadLetter, Event, Outcome, TagChange
 
 if TYPE_CHECKING:
     from infra.settings import Settings
@@ -1084,6 +1084,10 @@ def insert_outcomes(warehouse: Warehouse, outcomes: Sequence[Outcome]) -> int:
 
 def insert_dead_letters(warehouse: Warehouse, letters: Sequence[DeadLetter]) -> int:
     return warehouse.insert("dead_letters", [dead_letter_row(d) for d in letters])
+
+
+def insert_alerts(warehouse: Warehouse, alerts: Sequence[Alert]) -> int:
+    return warehouse.insert("alerts", [{**a.model_dump(), "severity": a.severity.value} for a in alerts])
 
 
 def insert_user_events(warehouse: Warehouse, events: Sequence[Event]) -> int:

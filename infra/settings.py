@@ -9,8 +9,28 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MonitorSettings(BaseModel):
+    """The delivery-rate monitor (streams.monitor), e.g. LOOPCAST_MONITOR__WINDOW_S=30."""
+
+    # Counters are kept per bucket of this many seconds; windows are whole buckets.
+    bucket_s: float = Field(default=5.0, gt=0)
+    # The current rate is taken over the last window_s, the baseline over the baseline_s before it.
+    window_s: float = Field(default=30.0, gt=0)
+    baseline_s: float = Field(default=600.0, gt=0)
+    # Fewer outcomes than this in the window (or the baseline) say nothing either way.
+    min_samples: int = Field(default=30, ge=1)
+    min_baseline_samples: int = Field(default=100, ge=1)
+    # A drop is current < baseline - max(margin, z standard errors); deeper than critical_drop is critical.
+    margin: float = Field(default=0.10, ge=0, le=1)
+    z: float = Field(default=3.0, ge=0)
+    critical_drop: float = Field(default=0.30, ge=0, le=1)
+    # Recovered: the rate over the last recover_s is within recover_margin of the baseline it dropped from.
+    recover_margin: float = Field(default=0.05, ge=0, le=1)
+    recover_s: float = Field(default=60.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -62,6 +82,9 @@ class Settings(BaseSettings):
     # Channel providers' credentials by scheme ("-" written "_"), e.g.
     # LOOPCAST_PROVIDERS__TWILIO__AUTH_TOKEN; each provider's Credentials model validates its own.
     providers: dict[str, dict[str, str]] = Field(default_factory=dict)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    # The configured channel operators hear alerts on (a WeCom bot, Slack, a webhook); "" for none.
+    alert_channel: str = "ops-alerts"
 
     @property
     def bootstrap(self) -> str:

@@ -22,7 +22,7 @@ from infra.eventloop import use_fast_loop
 from infra.settings import Settings
 from schemas.codec import DecodeError
 from schemas.contracts import codec
-from streams import dispatch, feedback, match, render, throttle
+from streams import dispatch, feedback, match, monitor, render, throttle
 from streams.render import RenderSettings
 from streams.runtime import Output, Runtime, describe
 from streams.topology import StageSpec
@@ -42,6 +42,8 @@ HANDLERS: dict[str, Handler] = {
     "feedback.dlq": feedback.handle_dead_letters,
     "feedback.events": feedback.handle_events,
     "feedback.tags": feedback.handle_tag_changes,
+    "feedback.alerts": feedback.handle_alerts,
+    "monitor": monitor.handle,
 }
 
 # Failures of the infrastructure rather than of a message: retry the batch before blaming items.

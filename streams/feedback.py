@@ -1,11 +1,11 @@
-"""Feedback: outcomes, dead letters, behaviour and tag changes into ClickHouse, in batches (one
+"""Feedback: outcomes, dead letters, behaviour, tag changes and alerts into ClickHouse, in batches (one
 insert per poll)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from schemas.models import PROFILE_UPDATED, DeadLetter, Event, Outcome, TagChange
+from schemas.models import PROFILE_UPDATED, Alert, DeadLetter, Event, Outcome, TagChange
 
 
 async def handle(rt, out, outcomes: list[Outcome]) -> None:
@@ -30,6 +30,12 @@ async def handle_events(rt, out, events: list[Event]) -> None:
         merged = await rt.profiles.merge(updates)
         await asyncio.to_thread(insert_user_attributes, rt.warehouse, merged)
     await asyncio.to_thread(insert_user_events, rt.warehouse, [e for e in events if e.event_type != PROFILE_UPDATED])
+
+
+async def handle_alerts(rt, out, alerts: list[Alert]) -> None:
+    from connectors.warehouse import insert_alerts
+
+    await asyncio.to_thread(insert_alerts, rt.warehouse, alerts)
 
 
 async def handle_tag_changes(rt, out, changes: list[TagChange]) -> None:

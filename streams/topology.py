@@ -49,11 +49,20 @@ STAGES: tuple[StageSpec, ...] = (
     # Behaviour and tag history for segments counted in ClickHouse and rebuilt by the Spark jobs.
     StageSpec("feedback.events", (topics.EVENTS,), models.Event, ("clickhouse:user_events",), True, False),
     StageSpec("feedback.tags", (topics.TAG_CHANGES,), models.TagChange, ("clickhouse:user_tag_changes",)),
+    StageSpec("feedback.alerts", (topics.ALERTS,), models.Alert, ("clickhouse:alerts",)),
+    # Delivery rates per channel and provider; its operator messages go to dispatch like any other.
+    StageSpec(
+        "monitor",
+        (topics.OUTCOMES,),
+        models.Outcome,
+        (topics.ALERTS.name, topics.DISPATCH_HIGH.name),
+        dead_letters=False,
+    ),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # Names a person passes to `loopcast worker --stages`: a family selects all its members.
-FAMILIES = ("match", "render", "throttle", "dispatch", "feedback")
+FAMILIES = ("match", "render", "throttle", "dispatch", "feedback", "monitor")
 
 
 def select(names: list[str] | None) -> list[StageSpec]:
@@ -69,4 +78,4 @@ def select(names: list[str] | None) -> list[StageSpec]:
 # The urgent lane: a deployment may run these in a worker of their own (`loopcast stack up
 # --urgent-lane`), so urgent messages never share a CPU with a marketing backlog's follow-up work.
 URGENT_LANE = ("match", "render", "throttle", "dispatch.high")
-BULK_LANE = ("dispatch.normal", "dispatch.low", "feedback")
+BULK_LANE = ("dispatch.normal", "dispatch.low", "feedback", "monitor")
