@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from connectors.inventory import Inventory
 from streams.match import Touch
 
 TOUCH_TTL_S = 30 * 24 * 3600
@@ -120,6 +121,8 @@ class State:
         self.owner = uuid.uuid4().hex.encode()
         self._claim = self.redis.register_script(_CLAIM_SCRIPT)
         self._record = self.redis.register_script(_RECORD_SCRIPT)
+        # Carts and live stock (the peak phase's "only N left"), on the same connections.
+        self.inventory = Inventory(self.redis)
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from schemas.models import ConfigKind, ConfigRecord, Priority
 from schemas.segments import Node, Segment
-from streams.copy.variants import Experiment
+from streams.copy.variants import BetaPrior, Experiment
+from streams.inventory import STOCK_CHANGED
 from streams.policy import CapRule, Category, QuietHours
 
 
@@ -31,9 +32,32 @@ class Document(BaseModel):
         return ConfigRecord(kind=self.kind, id=self.id, version=self.version, body=self.model_dump_json())
 
 
+class InventoryTrigger(BaseModel):
+    """Scarcity pushes from live stock: when a product's stock falls to or below one of these
+    thresholds, everyone who has it in their cart hears once per threshold (streams.inventory)."""
+
+    model_config = ConfigDict(extra="forbid")
+    thresholds: list[int] = Field(min_length=1, max_length=20)
+
+    @model_validator(mode="after")
+    def _positive_and_distinct(self) -> InventoryTrigger:
+        if any(t < 1 for t in self.thresholds) or len(set(self.thresholds)) != len(self.thresholds):
+            raise ValueError(f"thresholds must be distinct whole numbers ≥ 1, got {self.thresholds}")
+        return self
+
+
 class Trigger(BaseModel):
     model_config = ConfigDict(extra="forbid")
     event_type: str
+    # Set: the campaign fans out to a product's carters when its stock crosses a threshold,
+    # instead of messaging the user of the triggering event.
+    inventory: InventoryTrigger | None = None
+
+    @model_validator(mode="after")
+    def _inventory_on_stock_events(self) -> Trigger:
+        if self.inventory is not None and self.event_type != STOCK_CHANGED:
+            raise ValueError(f"an inventory trigger fires on {STOCK_CHANGED!r} events, not {self.event_type!r}")
+        return self
 
 
 class Audience(BaseModel):
@@ -59,6 +83,9 @@ class CampaignVariant(BaseModel):
     id: str = Field(min_length=1, max_length=50)
     template_id: str
     weight: float = Field(default=1.0, gt=0)
+    # What similar copy says of this one before it is sent (connectors.knowledge.prior_for): the bandit's
+    # allocation starts from it instead of Beta(1, 1); winner decisions never use it.
+    prior: BetaPrior | None = None
 
 
 class Campaign(Document):

@@ -136,6 +136,8 @@ class RenderedMessage(Record):
     attempt: int = 1
     failed_providers: list[str] = Field(default_factory=list)
     fallback_of: str | None = None
+    # The product whose live stock the copy quotes: once it sells out, the throttle suppresses the message.
+    inventory_product: str | None = None
 
 
 class Outcome(Record):

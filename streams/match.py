@@ -3,15 +3,19 @@ messages does it convert. One matched message per (campaign, user, event, channe
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 
+from connectors.kafka import send_keyed
 from infra import topics
 from schemas.config import Campaign
+from schemas.contracts import encode
 from schemas.models import Event, MatchedMessage, Outcome, OutcomeCode, Priority, now_utc
+from streams.inventory import StockChange, crossed, inventory_change, threshold_event_id
 from streams.segments import evaluate, max_window, referenced_packages
 from streams.tags import tag_effects
 
@@ -30,23 +34,50 @@ def in_audience(campaign: Campaign, user_id: str, members: Mapping[tuple[str, st
     return audience.kind == "all" or user_id in audience.user_ids
 
 
+def matched(campaign: Campaign, user_id: str, event: Event, event_id: str, properties: dict) -> MatchedMessage:
+    """The campaign's message to one user, started by `event_id` (the event's own, or one it stands for)."""
+    return MatchedMessage(
+        message_id=message_id(campaign.id, user_id, event_id, campaign.channel),
+        campaign_id=campaign.id,
+        user_id=user_id,
+        event_id=event_id,
+        event_type=event.event_type,
+        channel=campaign.channel,
+        priority=campaign.priority,
+        triggered_at=event.occurred_at,
+        properties=properties,
+    )
+
+
 def match_event(
     event: Event, campaigns: list[Campaign], members: Mapping[tuple[str, str], bool] | None = None
 ) -> list[MatchedMessage]:
     return [
-        MatchedMessage(
-            message_id=message_id(c.id, event.user_id, event.event_id, c.channel),
-            campaign_id=c.id,
-            user_id=event.user_id,
-            event_id=event.event_id,
-            event_type=event.event_type,
-            channel=c.channel,
-            priority=c.priority,
-            triggered_at=event.occurred_at,
-            properties=event.properties,
-        )
+        matched(c, event.user_id, event, event.event_id, event.properties)
         for c in campaigns
-        if c.trigger.event_type == event.event_type and in_audience(c, event.user_id, members)
+        # An inventory campaign messages the product's carters (threshold_messages), never the event's user.
+        if c.trigger.event_type == event.event_type
+        and c.trigger.inventory is None
+        and in_audience(c, event.user_id, members)
+    ]
+
+
+def threshold_messages(
+    campaign: Campaign,
+    event: Event,
+    product_id: str,
+    threshold: int,
+    carters: list[str],
+    members: Mapping[tuple[str, str], bool] | None = None,
+) -> list[MatchedMessage]:
+    """One message per carter in the campaign's audience, its trigger the (product, threshold) rather
+    than the stock event: the same id however often the stock crosses that threshold."""
+    event_id = threshold_event_id(product_id, threshold)
+    properties = {**event.properties, "product_id": product_id, "threshold": threshold}
+    return [
+        matched(campaign, user_id, event, event_id, properties)
+        for user_id in carters
+        if in_audience(campaign, user_id, members)
     ]
 
 
@@ -121,8 +152,13 @@ async def segment_verdicts(rt, events: list[Event]) -> dict[tuple[str, str], boo
     wanted: dict[str, set[str]] = {}
     for event in events:
         for campaign in rt.config.by_trigger.get(event.event_type, []):
-            if campaign.audience.kind == "segment":
+            if campaign.audience.kind == "segment" and campaign.trigger.inventory is None:
                 wanted.setdefault(event.user_id, set()).add(campaign.audience.segment_id)
+    return await verdicts_for(rt, wanted)
+
+
+async def verdicts_for(rt, wanted: Mapping[str, set[str]]) -> dict[tuple[str, str], bool]:
+    """(segment, user) → member for the segments wanted per user (user → segment ids)."""
     if not wanted:
         return {}
     segments = {sid: rt.config.segment(sid) for sids in wanted.values() for sid in sids}
@@ -163,6 +199,35 @@ def in_order(events: list[Event], config) -> list[list[Event]]:
     return pieces
 
 
+async def peak(rt, events: list[Event]) -> None:
+    """The peak phase: cart events keep who carted what, stock events set the live stock (one
+    round trip for the batch), and a stock change that crosses a campaign's threshold downwards
+    fans out to the product's carters. Carters are read and produced a bounded chunk at a time,
+    each chunk acknowledged by Kafka before the next: a retried batch re-sends some messages, with
+    the same ids, which the throttle ends deduplicated."""
+    changed = [(e, c) for e in events if (c := inventory_change(e)) is not None]
+    if not changed:
+        return
+    previous = await rt.user_state.inventory.observe([c for _, c in changed])
+    stock_changes = [(e, c) for e, c in changed if isinstance(c, StockChange)]
+    for (event, change), before in zip(stock_changes, previous, strict=True):
+        for campaign in rt.config.by_trigger.get(event.event_type, []):
+            if campaign.trigger.inventory is None:
+                continue
+            threshold = crossed(before, change.stock, campaign.trigger.inventory.thresholds)
+            if threshold is None:
+                continue
+            if campaign.priority is Priority.high:
+                rt.gate.note_urgent()
+            async for carters in rt.user_state.inventory.carters(change.product_id):
+                members = {}
+                if campaign.audience.kind == "segment":
+                    members = await verdicts_for(rt, {u: {campaign.audience.segment_id} for u in carters})
+                messages = threshold_messages(campaign, event, change.product_id, threshold, carters, members)
+                records = [(m.user_id.encode(), encode(m)) for m in messages]
+                await asyncio.gather(*await send_keyed(rt.producer, topics.MATCHED.name, records))
+
+
 async def handle(rt, out, events: list[Event]) -> None:
     """Agent glue: conversions first (they read touches from Redis), then behaviour, then new messages."""
     converting = [e for e in events if e.event_type in rt.config.by_conversion]
@@ -174,6 +239,7 @@ async def handle(rt, out, events: list[Event]) -> None:
                 out.outcome(outcome)
     for piece in in_order(events, rt.config):
         await observe(rt, out, piece)
+        await peak(rt, piece)
         members = await segment_verdicts(rt, piece)
         for event in piece:
             for message in match_event(event, rt.config.by_trigger.get(event.event_type, []), members):

@@ -373,6 +373,7 @@ def dedup_key(message_id: str) -> str:
 
 DECIDE_CHAIN: list[tuple[str, str]] = [
     ("dedup", "first and cheapest: a redelivered message must not be judged or counted a second time"),
+    ("stock", "a message quoting a product's stock never goes once it sold out: expired, not deferred or counted"),
     ("preferences", "consent before anything else: an opted-out user is neither deferred nor counted"),
     ("quiet_hours", "before caps: a deferred message must not spend today's slot; it is counted when released"),
     ("caps", "last, because it spends a slot: only messages that will go out now are counted"),

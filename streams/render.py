@@ -191,7 +191,24 @@ def render_message(
         html=adapted.html,
         image_url=adapted.image_url,
         extra=json.dumps(adapted.extra, ensure_ascii=False, default=str) if adapted.extra else None,
+        inventory_product=inventory_product(message, campaign),
     )
+
+
+def inventory_product(message: MatchedMessage, campaign: Campaign | None) -> str | None:
+    """The product an inventory campaign's message quotes the stock of (None for every other message)."""
+    if campaign is None or campaign.trigger.inventory is None:
+        return None
+    product = message.properties.get("product_id")
+    return None if product in (None, "") else str(product)
+
+
+def with_live_stock(message: MatchedMessage, stock: int | None) -> MatchedMessage:
+    """The message with the product's stock as it is now, so "only ${stock} left" is today's number,
+    not the trigger's; without a recorded stock the trigger's number stays."""
+    if stock is None:
+        return message
+    return message.model_copy(update={"properties": {**message.properties, "stock": stock}})
 
 
 def preview(template: Template, profile: dict[str, Any], event: dict[str, Any], channel_format: str, **channel) -> dict:
@@ -218,6 +235,8 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
     campaigns = {m.campaign_id: rt.config.campaign(m.campaign_id) for m in messages}
     ab_states = await rt.user_state.ab_states([cid for cid, c in campaigns.items() if c is not None and c.variants])
     profiles = await rt.user_state.profiles([m.user_id for m in messages])
+    quoting = {m.message_id: p for m in messages if (p := inventory_product(m, campaigns[m.campaign_id]))}
+    live = await rt.user_state.inventory.stocks(list(quoting.values())) if quoting else {}
     held: dict[str, list[bytes]] = defaultdict(list)
     short_links = ShortLinks()
     fallbacks: list[tuple[str, bytes]] = []
@@ -231,6 +250,8 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
                 held[campaign.id].append(encode(message))
                 continue
             message = message.model_copy(update={"variant": variant})
+        if message.message_id in quoting:
+            message = with_live_stock(message, live[quoting[message.message_id]])
         template_id = campaign.template_for(message.variant) if campaign else None
         template = rt.config.template(template_id) if template_id else None
         result = render_message(

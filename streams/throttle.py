@@ -14,6 +14,7 @@ from infra import topics
 from schemas.config import Campaign, Channel
 from schemas.contracts import encode
 from schemas.models import Outcome, OutcomeCode, Priority, RenderedMessage, now_utc
+from streams.inventory import sold_out, sold_out_reason
 from streams.policy import (
     DEDUP_TTL_S,
     CapRule,
@@ -118,14 +119,38 @@ def judge(
     )
 
 
+async def sold_out_messages(rt, messages: list[RenderedMessage]) -> set[str]:
+    """Ids of the messages whose product sold out before they could go (nothing to do, and no round
+    trip, for messages that quote no stock). One MGET reads the stock and the dedup claims: a message
+    already judged and sent stays deduplicated rather than gaining a second verdict; a sold-out one
+    is claimed, so a later restock and fall past the same threshold does not send it after all."""
+    quoting = [m for m in messages if m.inventory_product]
+    if not quoting:
+        return set()
+    keys = [dedup_key(m.message_id) for m in quoting]
+    stocks, judged = await rt.user_state.inventory.stocks_and_claims([m.inventory_product for m in quoting], keys)
+    gone = [
+        (key, m.message_id)
+        for m, key, seen in zip(quoting, keys, judged, strict=True)
+        if not seen and sold_out(stocks[m.inventory_product])
+    ]
+    await rt.user_state.inventory.claim([k for k, _ in gone], [i for _, i in gone], DEDUP_TTL_S)
+    return {i for _, i in gone}
+
+
 async def handle(rt, out, messages: list[RenderedMessage]) -> None:
     if any(m.priority is Priority.high for m in messages):
         rt.gate.note_urgent()
     now = now_utc()
     stored = await rt.policy.preferences([m.user_id for m in messages])
+    gone = await sold_out_messages(rt, messages)
     deferrals: list[tuple[int, bytes]] = []
     admitting: list[tuple[RenderedMessage, AdmitRequest]] = []
     for message, prefs in zip(messages, stored, strict=True):
+        if message.message_id in gone:
+            reason = sold_out_reason(message.inventory_product)
+            out.outcome(Outcome.of(message, OutcomeCode.expired, "throttle", reason))
+            continue
         verdict = judge(
             message,
             rt.config.campaign(message.campaign_id),

@@ -326,5 +326,5 @@ def test_dedup_key_is_stable_for_a_redelivered_message() -> None:
 
 
 def test_decide_order() -> None:
-    assert decide_order() == ["dedup", "preferences", "quiet_hours", "caps"]
+    assert decide_order() == ["dedup", "stock", "preferences", "quiet_hours", "caps"]
     assert all(reason for _, reason in DECIDE_CHAIN)
