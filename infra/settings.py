@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,17 @@ class Settings(BaseSettings):
     monitor: MonitorSettings = Field(default_factory=MonitorSettings)
     # The configured channel operators hear alerts on (a WeCom bot, Slack, a webhook); "" for none.
     alert_channel: str = "ops-alerts"
+    # Copy generation: any OpenAI-compatible endpoint (…/v1); unset, an offline phrase-table writer is used.
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr = SecretStr("loopcast-dev-llm-key")
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    # Tries per candidate, counting each retry that tells the model why its copy was rejected.
+    llm_attempts: int = Field(default=4, ge=1)
+    # The SDK's own retries of 429 (after Retry-After) and 5xx answers, per request.
+    llm_http_retries: int = Field(default=3, ge=0)
+    # json_schema: response_format with a JSON schema; tools: function calling, for endpoints without it.
+    llm_output_mode: Literal["json_schema", "tools"] = "json_schema"
 
     @property
     def bootstrap(self) -> str:

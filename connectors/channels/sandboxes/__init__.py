@@ -34,10 +34,21 @@ def context_for(scheme: str, settings: Settings) -> SandboxContext:
     )
 
 
-def build_app(settings: Settings, schemes: Iterable[str] | None = None) -> tuple[web.Application, dict[str, Sandbox]]:
+def build_app(
+    settings: Settings, schemes: Iterable[str] | None = None, *, llm: bool | None = None
+) -> tuple[web.Application, dict[str, Sandbox]]:
+    """Every provider's sandbox (or those of `schemes`), and the LLM endpoint under /llm (by default only when
+    serving every provider)."""
     chosen = sorted(schemes if schemes is not None else REGISTRY)
     boxes = {scheme: Sandbox(scheme) for scheme in chosen}
     app = web.Application(client_max_size=16 * 1024 * 1024)
+    if llm if llm is not None else schemes is None:
+        from connectors import llm_sandbox  # imports the copy stages: only where it is served
+
+        box = boxes[llm_sandbox.NAME] = Sandbox(llm_sandbox.NAME)
+        sub = web.Application(client_max_size=16 * 1024 * 1024)
+        sub.add_routes(llm_sandbox.routes(box, llm_sandbox.context(settings)))
+        app.add_subapp(f"/{llm_sandbox.NAME}", sub)
     app.add_routes(inspection_routes(boxes))
     closers = []
     for scheme in chosen:
