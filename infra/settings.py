@@ -6,32 +6,29 @@ tests move the whole block by setting the port variables.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class MonitorSettings(BaseModel):
-    """The delivery-rate monitor (streams.monitor), e.g. LOOPCAST_MONITOR__WINDOW_S=30."""
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The delivery-rate monitor's numbers (streams.monitor), from the Settings fields `monitor_*`."""
 
-    # Counters are kept per bucket of this many seconds; windows are whole buckets.
-    bucket_s: float = Field(default=5.0, gt=0)
-    # The current rate is taken over the last window_s, the baseline over the baseline_s before it.
-    window_s: float = Field(default=30.0, gt=0)
-    baseline_s: float = Field(default=600.0, gt=0)
-    # Fewer outcomes than this in the window (or the baseline) say nothing either way.
-    min_samples: int = Field(default=30, ge=1)
-    min_baseline_samples: int = Field(default=100, ge=1)
-    # A drop is current < baseline - max(margin, z standard errors); deeper than critical_drop is critical.
-    margin: float = Field(default=0.10, ge=0, le=1)
-    z: float = Field(default=3.0, ge=0)
-    critical_drop: float = Field(default=0.30, ge=0, le=1)
-    # Recovered: the rate over the last recover_s is within recover_margin of the baseline it dropped from.
-    recover_margin: float = Field(default=0.05, ge=0, le=1)
-    recover_s: float = Field(default=60.0, gt=0)
+    bucket_s: float
+    window_s: float
+    baseline_s: float
+    min_samples: int
+    min_baseline_samples: int
+    margin: float
+    z: float
+    critical_drop: float
+    recover_margin: float
+    recover_s: float
 
 
 class Settings(BaseSettings):
@@ -83,7 +80,21 @@ class Settings(BaseSettings):
     # Channel providers' credentials by scheme ("-" written "_"), e.g.
     # LOOPCAST_PROVIDERS__TWILIO__AUTH_TOKEN; each provider's Credentials model validates its own.
     providers: dict[str, dict[str, str]] = Field(default_factory=dict)
-    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
+    # The delivery-rate monitor (streams.monitor): counters per bucket of monitor_bucket_s; the rate over
+    # the last monitor_window_s against the baseline over the monitor_baseline_s before it.
+    monitor_bucket_s: float = Field(default=5.0, gt=0)
+    monitor_window_s: float = Field(default=30.0, gt=0)
+    monitor_baseline_s: float = Field(default=600.0, gt=0)
+    # Fewer outcomes than this in the window (or the baseline) say nothing either way.
+    monitor_min_samples: int = Field(default=30, ge=1)
+    monitor_min_baseline_samples: int = Field(default=100, ge=1)
+    # A drop: current < baseline - max(margin, z standard errors); one deeper than critical_drop is critical.
+    monitor_margin: float = Field(default=0.10, ge=0, le=1)
+    monitor_z: float = Field(default=3.0, ge=0)
+    monitor_critical_drop: float = Field(default=0.30, ge=0, le=1)
+    # Recovered: the rate over the last recover_s is within recover_margin of the baseline it fell from.
+    monitor_recover_margin: float = Field(default=0.05, ge=0, le=1)
+    monitor_recover_s: float = Field(default=60.0, gt=0)
     # The configured channel operators hear alerts on (a WeCom bot, Slack, a webhook); "" for none.
     alert_channel: str = "ops-alerts"
     # Copy generation: any OpenAI-compatible endpoint (…/v1); unset, an offline phrase-table writer is used.
@@ -97,6 +108,11 @@ class Settings(BaseSettings):
     llm_http_retries: int = Field(default=3, ge=0)
     # json_schema: response_format with a JSON schema; tools: function calling, for endpoints without it.
     llm_output_mode: Literal["json_schema", "tools"] = "json_schema"
+
+    @cached_property
+    def monitor(self) -> MonitorSettings:
+        fields = MonitorSettings.__dataclass_fields__
+        return MonitorSettings(**{name: getattr(self, f"monitor_{name}") for name in fields})
 
     @property
     def bootstrap(self) -> str:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from infra.settings import MonitorSettings
+from infra.settings import MonitorSettings, Settings
 from schemas.models import Outcome, OutcomeCode, Priority, Severity
 from streams.monitor import (
     ALERT_CAMPAIGN,
@@ -27,7 +27,14 @@ from streams.topology import BULK_LANE, STAGES, URGENT_LANE, select
 
 pytestmark = pytest.mark.unit
 
-CFG = MonitorSettings(bucket_s=1, window_s=10, baseline_s=60, min_samples=20, min_baseline_samples=50, recover_s=10)
+CFG = Settings(
+    monitor_bucket_s=1,
+    monitor_window_s=10,
+    monitor_baseline_s=60,
+    monitor_min_samples=20,
+    monitor_min_baseline_samples=50,
+    monitor_recover_s=10,
+).monitor
 SUBJECT = ("shop-hook", "webhook")
 T0 = 1_800_000_000.0
 
