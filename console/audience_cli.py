@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from connectors.packages import PackageReport
     from schemas.config import Campaign
     from streams.broadcast import BroadcastState
+    from streams.config_store import ConfigStore
 
 package_app = typer.Typer(help="User packages: uploaded audience lists in Redis.", no_args_is_help=True)
 broadcast_app = typer.Typer(help="Broadcasts: one campaign to every member of a segment.", no_args_is_help=True)
@@ -101,8 +102,8 @@ def package_size(package_id: str) -> None:
     console.print(f"{asyncio.run(run()):,}")
 
 
-async def campaign_from_topic(settings: Settings, campaign_id: str) -> Campaign | None:
-    """The campaign's latest version on the config topic, or None."""
+async def config_from_topic(settings: Settings) -> ConfigStore:
+    """Every document's latest version on the config topic."""
     from connectors.kafka import read_to_end
     from infra import topics
     from streams.config_store import ConfigStore
@@ -110,7 +111,12 @@ async def campaign_from_topic(settings: Settings, campaign_id: str) -> Campaign 
     store = ConfigStore()
     for record in await read_to_end(settings.bootstrap, topics.CONFIG.name):
         store.apply(record.key.decode() if record.key else "", record.value)
-    return store.campaign(campaign_id)
+    return store
+
+
+async def campaign_from_topic(settings: Settings, campaign_id: str) -> Campaign | None:
+    """The campaign's latest version on the config topic, or None."""
+    return (await config_from_topic(settings)).campaign(campaign_id)
 
 
 @broadcast_app.command("start")

@@ -245,6 +245,25 @@ class Endpoints:
         await self.producer.flush()
         return web.json_response({"accepted": len(events)}, status=202)
 
+    async def copy_generate(self, request: web.Request) -> web.Response:
+        """POST a copy brief (streams.copy.generate.CopyBrief as JSON); the generated and rejected copy come back."""
+        from connectors.llm import LlmError, writer_for
+        from streams.copy.generate import CopyBrief, generate
+
+        try:
+            brief = CopyBrief.model_validate_json(await request.read())
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_context=False)
+            return web.json_response({"errors": errors}, status=400, dumps=_dumps)
+        writer = writer_for(self.settings)
+        try:
+            result = await generate(brief, writer, attempts=self.settings.llm_attempts)
+        except LlmError as exc:
+            return web.json_response({"error": str(exc)}, status=502)
+        finally:
+            await writer.close()
+        return web.json_response(result.model_dump(mode="json"), dumps=_dumps)
+
 
 def _dumps(value) -> str:
     return json.dumps(value, default=str)
@@ -260,6 +279,7 @@ def build_app(endpoints: Endpoints, warehouse=None) -> web.Application:
             web.post("/receipts/{scheme}", endpoints.receipt),
             web.get("/receipts/{scheme}", endpoints.receipt),
             web.post("/v1/events", endpoints.ingest),
+            web.post("/v1/copy/generate", endpoints.copy_generate),
             web.get("/u/{token}", endpoints.unsubscribe_link),
             web.post("/u/{token}", endpoints.unsubscribe_link),
             web.post("/inbound/sms", endpoints.inbound_sms),

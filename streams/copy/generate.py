@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.config import Template
+from schemas.config import Campaign, CampaignVariant, Template
 from streams.copy.channels import RULES, AdaptationError, Content, adapt, measure
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compile_template
 
@@ -473,3 +473,27 @@ def to_template(bundle: CopyBundle, template_id: str, *, link: str | None = None
         link=link,
         cta=bundle.cta,
     )
+
+
+GENERATED_PREFIX = "gen-"
+
+
+def with_generated_variants(campaign: Campaign, template_ids: Sequence[str]) -> Campaign:
+    """The campaign's next version, testing the generated templates beside its hand-written copy (a single
+    template becomes variant "a"); earlier generated variants are replaced. ValueError past 5 variants."""
+    hand = [v for v in campaign.variants if not v.id.startswith(GENERATED_PREFIX)]
+    if not campaign.variants and campaign.template_id:
+        hand = [CampaignVariant(id="a", template_id=campaign.template_id)]
+    generated = [CampaignVariant(id=f"{GENERATED_PREFIX}{i + 1}", template_id=t) for i, t in enumerate(template_ids)]
+    variants = hand + generated
+    if not 2 <= len(variants) <= 5:
+        raise ValueError(
+            f"campaign {campaign.id} would have {len(variants)} variants ({len(hand)} hand-written, "
+            f"{len(generated)} generated); an A/B test takes 2 to 5"
+        )
+    experiment = campaign.experiment
+    if experiment is not None and experiment.fallback not in {v.id for v in variants}:
+        # The experiment's settings stay; its fallback is the hand-written copy (or the first generated one).
+        experiment = experiment.model_copy(update={"fallback": variants[0].id})
+    update = {"version": campaign.version + 1, "template_id": None, "variants": variants, "experiment": experiment}
+    return Campaign.model_validate({**campaign.model_dump(), **update})
