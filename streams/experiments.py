@@ -45,7 +45,7 @@ def variant_stats(campaign: Campaign, rows: list[dict]) -> list[VariantStats]:
 
 
 def evaluate(campaign: Campaign, stats: list[VariantStats], now: datetime) -> tuple[Decision, dict]:
-    """The decision and the state render will read (pure)."""
+    """The decision and the state render will read (pure). Variants' priors shape only the bandit's shares."""
     experiment = campaign.experiment
     deadline_passed = campaign.decide_by is not None and now >= campaign.decide_by
     decision = decide(stats, experiment, deadline_passed=deadline_passed)
@@ -56,7 +56,8 @@ def evaluate(campaign: Campaign, stats: list[VariantStats], now: datetime) -> tu
         "decided_at": now.isoformat(),
     }
     if experiment.mode == "bandit" and decision.status == "continue":
-        state["shares"] = thompson_shares(stats, experiment.metric)
+        priors = {v.id: v.prior for v in campaign.variants if v.prior is not None}
+        state["shares"] = thompson_shares(stats, experiment.metric, priors=priors)
     return decision, state
 
 

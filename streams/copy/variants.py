@@ -20,6 +20,16 @@ MAX_VARIANTS = 5
 Metric = Literal["ctr", "cvr"]
 
 
+class BetaPrior(BaseModel):
+    """What a variant's rate is believed to be before its own sends: Beta(alpha, beta), i.e. about
+    alpha - 1 successes in alpha + beta - 2 pseudo-exposures (connectors.knowledge.prior_for derives
+    one from similar copy). Beta(1, 1), no belief, is what a variant without a prior gets."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=1.0, gt=0)
+
+
 class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1)
@@ -179,9 +189,12 @@ def _p_second_beats_first(a1: np.ndarray, b1: np.ndarray, a2: np.ndarray, b2: np
     return np.clip(p, 0.0, 1.0)
 
 
-def _exact_p_best(successes: np.ndarray, exposures: np.ndarray) -> np.ndarray:
-    """P(best) for two variants, exactly: Beta(1 + s, 1 + n - s) has integer parameters, so no Monte Carlo."""
-    a, b = 1 + successes, 1 + exposures - successes
+def _exact_p_best(
+    successes: np.ndarray, exposures: np.ndarray, prior_a: np.ndarray | float = 1, prior_b: np.ndarray | float = 1
+) -> np.ndarray:
+    """P(best) for two variants, exactly: the sum needs an integer alpha for the variant put second, which
+    Beta(1 + s, 1 + n - s) always has (a prior with fractional alpha goes to Monte Carlo instead)."""
+    a, b = prior_a + successes, prior_b + exposures - successes
     # The sum runs over the second variant's successes: put the variant with fewer of them second.
     swap = a[:, 1] > a[:, 0]
     first, second = np.where(swap, 1, 0), np.where(swap, 0, 1)
@@ -194,9 +207,14 @@ def _exact_p_best(successes: np.ndarray, exposures: np.ndarray) -> np.ndarray:
 
 
 def _monte_carlo(
-    successes: np.ndarray, exposures: np.ndarray, draws: int, rng: np.random.Generator
+    successes: np.ndarray,
+    exposures: np.ndarray,
+    draws: int,
+    rng: np.random.Generator,
+    prior_a: np.ndarray | float = 1,
+    prior_b: np.ndarray | float = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """P(best) and expected loss per row of (rows, k) counts, Beta(1, 1) priors, by Monte Carlo.
+    """P(best) and expected loss per row of (rows, k) counts, Beta(1, 1) priors unless given, by Monte Carlo.
 
     Rows are chunked so the (rows, k, draws) sample array stays around 32 MB.
     """
@@ -204,10 +222,13 @@ def _monte_carlo(
     p_best = np.zeros((rows, k))
     loss = np.zeros((rows, k))
     chunk = max(1, 4_000_000 // (k * draws))
+    a0 = np.broadcast_to(np.asarray(prior_a, dtype=float), (rows, k))[..., None]
+    b0 = np.broadcast_to(np.asarray(prior_b, dtype=float), (rows, k))[..., None]
     for start in range(0, rows, chunk):
         s = successes[start : start + chunk, :, None].astype(float)
         n = exposures[start : start + chunk, :, None].astype(float)
-        theta = rng.beta(1 + s, 1 + n - s, size=(s.shape[0], k, draws))
+        a, b = a0[start : start + chunk], b0[start : start + chunk]
+        theta = rng.beta(a + s, b + n - s, size=(s.shape[0], k, draws))
         best = theta.argmax(axis=1)
         p_best[start : start + chunk] = (best[:, None, :] == np.arange(k)[None, :, None]).mean(axis=2)
         loss[start : start + chunk] = (theta.max(axis=1, keepdims=True) - theta).mean(axis=2)
@@ -215,14 +236,23 @@ def _monte_carlo(
 
 
 def _posterior(
-    successes: np.ndarray, exposures: np.ndarray, draws: int, rng: np.random.Generator, *, loss: bool = True
+    successes: np.ndarray,
+    exposures: np.ndarray,
+    draws: int,
+    rng: np.random.Generator,
+    *,
+    loss: bool = True,
+    prior_a: np.ndarray | float = 1,
+    prior_b: np.ndarray | float = 1,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """P(best) (exact for two variants, Monte Carlo for more) and, if asked, the Monte Carlo expected loss."""
-    if successes.shape[1] == 2 and not loss:
-        return _exact_p_best(successes, exposures), None
-    p, expected_loss = _monte_carlo(successes, exposures, draws, rng)
-    if successes.shape[1] == 2:
-        p = _exact_p_best(successes, exposures)
+    """P(best) (exact for two variants with integer alphas, Monte Carlo otherwise) and, if asked, the Monte Carlo
+    expected loss."""
+    exact = successes.shape[1] == 2 and bool(np.all(np.mod(prior_a, 1) == 0))
+    if exact and not loss:
+        return _exact_p_best(successes, exposures, prior_a, prior_b), None
+    p, expected_loss = _monte_carlo(successes, exposures, draws, rng, prior_a, prior_b)
+    if exact:
+        p = _exact_p_best(successes, exposures, prior_a, prior_b)
     return p, expected_loss
 
 
@@ -290,17 +320,32 @@ def decide(
 
 
 def thompson_shares(
-    stats: list[VariantStats], metric: Metric, *, draws: int = 20000, seed: int = 0, floor: float = 0.05
+    stats: list[VariantStats],
+    metric: Metric,
+    *,
+    draws: int = 20000,
+    seed: int = 0,
+    floor: float = 0.05,
+    priors: dict[str, BetaPrior] | None = None,
 ) -> dict[str, float]:
     """Traffic per variant: floor + (1 - k * floor) * P(best), so every variant keeps at least `floor`
-    (no variant starves of the data that could change its estimate) and the shares sum to 1."""
+    (no variant starves of the data that could change its estimate) and the shares sum to 1.
+
+    `priors` (by variant; Beta(1, 1) for the others) shape only this allocation: a variant that similar copy
+    says is strong gets more early traffic, and its own sends soon outweigh the capped pseudo-count.
+    decide() keeps flat priors, because its 0.999 threshold is calibrated for them: a prior there would
+    let a belief, not the test's data, declare a winner (tests check A/A stays honest)."""
     ids = [s.variant for s in stats]
     if not MIN_VARIANTS <= len(ids) <= MAX_VARIANTS or len(set(ids)) != len(ids):
         raise ValueError(f"a bandit needs {MIN_VARIANTS} to {MAX_VARIANTS} distinct variants, got {ids}")
     if not 0 <= floor * len(ids) <= 1:
         raise ValueError(f"floor {floor} times {len(ids)} variants must lie in [0, 1]")
     successes, exposures = _counts(stats, metric)
-    p, _ = _posterior(successes, exposures, draws, np.random.default_rng(seed), loss=False)
+    chosen = [(priors or {}).get(i) or BetaPrior() for i in ids]
+    prior_a = np.array([[prior.alpha for prior in chosen]])
+    prior_b = np.array([[prior.beta for prior in chosen]])
+    rng = np.random.default_rng(seed)
+    p, _ = _posterior(successes, exposures, draws, rng, loss=False, prior_a=prior_a, prior_b=prior_b)
     shares = floor + (1 - floor * len(ids)) * p[0]
     return {i: float(x) for i, x in zip(ids, shares / shares.sum(), strict=True)}
 
