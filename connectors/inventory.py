@@ -67,7 +67,7 @@ class Inventory:
             if isinstance(change, StockChange):
                 stock_at.append(len(pipe.command_stack))
                 keys = [stock_key(change.product_id), stock_last_key(change.product_id)]
-                self._set_stock(keys=keys, args=[change.event_id, change.stock], client=pipe)
+                await self._set_stock(keys=keys, args=[change.event_id, change.stock], client=pipe)
             else:
                 key = carts_key(change.product_id)
                 if change.in_cart:
