@@ -74,7 +74,8 @@ def _wrong(kind: str, bundle: dict[str, Any], brief: CopyBrief | None) -> str:
     elif kind == "unclosed_if":
         bundle["short_text"] += "<#if stock < 5>快抢！" if brief and brief.campaign.language == "zh" else "<#if x>hurry"
     elif kind == "sms_too_long":
-        bundle["short_text"] = (bundle["short_text"] + " ") * 6
+        # Past what any SMS (3 parts of GSM-7: 459) or push body takes.
+        bundle["short_text"] = (bundle["short_text"] + " ") * (1 + 600 // len(bundle["short_text"]))
     elif kind == "markdown_fences":
         return "```json\n" + json.dumps(bundle, ensure_ascii=False, indent=2) + "\n```"
     return json.dumps(bundle, ensure_ascii=False)

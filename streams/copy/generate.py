@@ -338,7 +338,7 @@ def check(bundle: CopyBundle, brief: CopyBrief, *, link: str | None = SAMPLE_LIN
             templates[part] = compile_template(source)
         except TemplateSyntaxError as exc:
             problems.append(f"{part} does not compile: {exc}")
-    allowed = set(brief.fields)
+    allowed = {_root(f) for f in brief.fields}
     for part, template in templates.items():
         used = {_root(f) for f in template.fields}
         for unknown in sorted(used - allowed):
@@ -346,7 +346,7 @@ def check(bundle: CopyBundle, brief: CopyBrief, *, link: str | None = SAMPLE_LIN
             problems.append(f"{part} uses the field ${{{unknown}}}, which is not one you may use ({listed})")
         if part in TEXT_PARTS:
             for required in brief.fields:
-                if required not in used:
+                if _root(required) not in used:
                     problems.append(f"{part} does not use the field ${{{required}}}")
     if problems:
         return problems
@@ -364,8 +364,11 @@ def check(bundle: CopyBundle, brief: CopyBrief, *, link: str | None = SAMPLE_LIN
             link=link,
             cta=parts.get("cta"),
         )
+        # The short text must fit alone as well: a channel uses the long text only when it fits, and what small
+        # channels are written for is the short text.
+        short_only = content.model_copy(update={"long_text": None})
         for kind in brief.channels:
-            problems += fit_problems(content, kind, brief.brand)
+            problems += fit_problems(content, kind, brief.brand) + fit_problems(short_only, kind, brief.brand)
     return list(dict.fromkeys(problems))
 
 
