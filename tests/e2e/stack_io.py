@@ -35,6 +35,11 @@ def fire(settings, event_type: str, users: Iterable[str], suffix: str = "") -> N
     events = [
         Event(event_id=f"{u}-{event_type}{suffix}", event_type=event_type, user_id=u, occurred_at=now) for u in users
     ]
+    fire_events(settings, events)
+
+
+def fire_events(settings, events: Iterable[Event]) -> None:
+    """These events, in order, each keyed by its user (one user's events stay in order)."""
     asyncio.run(produce(settings.bootstrap, topics.EVENTS.name, [(e.user_id, e) for e in events]))
 
 
