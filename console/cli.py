@@ -352,6 +352,24 @@ def report_funnel(
         print_funnel(console, rows)
 
 
+@report_app.command("alerts")
+def report_alerts(
+    hours: Annotated[float, typer.Option(help="How far back.")] = 24,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    format: Annotated[Format, typer.Option("--format")] = Format.table,
+) -> None:
+    """Recent alerts: delivery-rate drops and recoveries per channel and provider."""
+    from connectors import warehouse
+    from console.reports import alerts_report
+
+    wh = warehouse.connect(Settings())
+    try:
+        rows = alerts_report(wh, hours, limit)
+    finally:
+        wh.close()
+    print_rows(rows, format, title="alerts")
+
+
 @app.command()
 def demo(
     users: Annotated[int, typer.Option(help="Shoppers in the generated shop.")] = 300,

@@ -1,4 +1,4 @@
-"""Reports people read: the funnel per campaign as a table with bars, from ClickHouse rows."""
+"""Reports people read: the funnel per campaign as a table with bars, and recent alerts, from ClickHouse rows."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def funnel_report(warehouse, campaign_id: str | None = None) -> list[dict]:
         decision = warehouse.query(DECISION_SQL, {"campaign": row["campaign_id"]})
         row["decision"] = decision[0] if decision else None
     return rows
+
+
+ALERTS_SQL = (
+    "SELECT occurred_at, severity, kind, subject, message, value, alert_id FROM alerts FINAL "
+    "WHERE occurred_at >= now64(3) - toIntervalSecond({seconds:UInt32}) ORDER BY occurred_at DESC LIMIT {limit:UInt32}"
+)
+
+
+def alerts_report(warehouse, hours: float = 24, limit: int = 50) -> list[dict]:
+    """The latest alerts (loopcast.alerts, table `alerts`), newest first."""
+    return warehouse.query(ALERTS_SQL, {"seconds": int(hours * 3600), "limit": int(limit)})
 
 
 def print_funnel(console: Console, rows: list[dict]) -> None:

@@ -40,6 +40,13 @@ def stack_env(tmp_path_factory) -> Settings:
         "LOOPCAST_AB_INTERVAL_S": "0.5",
         # Tests run at any hour; the quiet-hours tests set their own window per campaign.
         "LOOPCAST_QUIET_HOURS": "off",
+        # The delivery-rate monitor on second-sized windows, so a drop shows within seconds.
+        "LOOPCAST_MONITOR_BUCKET_S": "1",
+        "LOOPCAST_MONITOR_WINDOW_S": "10",
+        "LOOPCAST_MONITOR_BASELINE_S": "60",
+        "LOOPCAST_MONITOR_MIN_SAMPLES": "20",
+        "LOOPCAST_MONITOR_MIN_BASELINE_SAMPLES": "50",
+        "LOOPCAST_MONITOR_RECOVER_S": "10",
     }
     os.environ.update(env)
     return Settings()

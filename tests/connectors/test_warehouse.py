@@ -376,6 +376,36 @@ def test_duplicate_outcomes_collapse(warehouse: EmbeddedWarehouse) -> None:
 
 
 @integration
+def test_alerts_collapse_and_report_newest_first(warehouse: EmbeddedWarehouse) -> None:
+    from connectors.warehouse import insert_alerts
+    from console.reports import alerts_report
+    from schemas.models import Alert, Severity
+
+    subject = f"{uuid.uuid4().hex[:8]}/webhook"
+    now = datetime.now(UTC)
+    drop = Alert(
+        alert_id=f"delivery_rate_drop:{subject}:1",
+        kind="delivery_rate_drop",
+        severity=Severity.critical,
+        subject=subject,
+        message="dropped",
+        value=0.2,
+        occurred_at=now - timedelta(minutes=5),
+    )
+    recovered = drop.model_copy(
+        update={"alert_id": f"delivery_rate_recovered:{subject}:1", "kind": "delivery_rate_recovered",
+                "severity": Severity.info, "value": 0.99, "occurred_at": now}
+    )  # fmt: skip
+    assert insert_alerts(warehouse, [drop, recovered]) == 2
+    insert_alerts(warehouse, [drop])  # Kafka redelivered it
+    rows = [r for r in alerts_report(warehouse, hours=1, limit=1000) if r["subject"] == subject]
+    assert [(r["kind"], r["severity"], r["value"]) for r in rows] == [
+        ("delivery_rate_recovered", "info", 0.99),
+        ("delivery_rate_drop", "critical", 0.2),
+    ]
+
+
+@integration
 def test_funnel_numbers(warehouse: EmbeddedWarehouse) -> None:
     a, b, c = new_campaign("a"), new_campaign("b"), new_campaign("c")
     rows = [outcome(a, f"m{i}", OutcomeCode.sent, minutes=i) for i in range(1, 7)]
