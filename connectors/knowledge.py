@@ -44,7 +44,8 @@ def record_copy(
 
 
 _FEW_SHOT_SQL = """
-SELECT p.template_id AS template_id, any(l.title) AS title, any(l.body) AS body, any(l.long_text) AS long_text,
+SELECT p.template_id AS template_id, any(l.title) AS title, any(l.body) AS short_text,
+       any(l.long_text) AS long_text,
        any(l.cta) AS cta, any(l.channel_format) AS channel_format, any(l.trigger_event) AS phase,
        any(l.source) AS source, sum(p.sends) AS sends, sum(p.clicks) AS clicks,
        sum(p.conversions) AS conversions, clicks / sends AS ctr, conversions / sends AS cvr,
@@ -72,11 +73,13 @@ def few_shot_examples(
     metric: Metric = "ctr",
     min_sends: int = MIN_SENDS,
 ) -> list[dict[str, Any]]:
-    """The best copy sent, for the generator's prompt: template_id, title, body, long_text, cta,
+    """The best copy sent, for the generator's prompt (the fields of streams.copy.generate.CopyExample and
+    more): template_id, title, short_text (the template's body), long_text, cta,
     channel_format, phase, source, sends, clicks, conversions, ctr, cvr, ctr_lower, cvr_lower. Ranked by
-    the metric's lower bound, from the live views (always current, whether or not the job ran);
-    `channel_format` (sms-cn, push, email …) and `phase` (the campaign's trigger event, e.g. cart_add)
-    keep copy written for the same place and moment."""
+    the metric's lower bound, from the live views (always current, whether or not the job ran).
+    `channel_format` (sms-cn, push-fcm, email …) keeps copy written for the same place; `phase` matches
+    the trigger event of the campaign that sent it (cart_add, signup …): campaigns do not declare a
+    warm-up / peak / long-tail phase (the generator's brief does), so that is the moment copy knows."""
     sql = _FEW_SHOT_SQL.replace("{order}", _LOWER[metric])
     parameters = {"format": channel_format, "phase": phase, "min_sends": min_sends, "limit": limit}
     return warehouse.query(sql, parameters)

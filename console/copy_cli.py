@@ -15,6 +15,7 @@ from rich.console import Console
 from infra.settings import Settings
 
 if TYPE_CHECKING:
+    from connectors.knowledge import Insights
     from schemas.config import Document
     from streams.copy.generate import CopyBrief, GenerationResult
 
@@ -162,3 +163,69 @@ def _print_result(result: GenerationResult, published: list[Document]) -> None:
 def _fail(message: str) -> typer.Exit:
     Console(stderr=True).print(f"[red]error:[/red] {message}")
     return typer.Exit(1)
+
+
+class InsightKind(StrEnum):
+    template = "template"
+    keyword = "keyword"
+    phrase = "phrase"
+
+
+@copy_app.command("insights")
+def copy_insights(
+    kind: Annotated[InsightKind, typer.Option(help="What to rank.")] = InsightKind.template,
+    campaign: Annotated[str | None, typer.Option(help="One campaign id; default all campaigns.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many rows.")] = 10,
+    fmt: Annotated[GenerateFormat, typer.Option("--format")] = GenerateFormat.table,
+) -> None:
+    """Copy ranked by the lower bound of its CTR (95 % Wilson), with CVR: from the knowledge job's output
+    (`loopcast jobs run knowledge`) once it has run, else templates from the live views."""
+    from connectors import warehouse
+    from connectors.knowledge import insights
+
+    wh = warehouse.connect(Settings())
+    try:
+        found = insights(wh, kind=kind.value, campaign_id=campaign, limit=limit)
+    except Exception as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        wh.close()
+    if fmt is GenerateFormat.json:
+        body = {"kind": found.kind, "origin": found.origin, "updated_at": found.updated_at, "rows": found.rows}
+        print(json.dumps(warehouse.json_safe(body), ensure_ascii=False))
+    else:
+        print_insights(console, found)
+
+
+def print_insights(out: Console, found: Insights) -> None:
+    """One kind's ranking as a table with CTR and CVR bars (scaled to the best row) and lower bounds."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from console.reports import bar
+
+    when = f", loaded {found.updated_at:%Y-%m-%d %H:%M} UTC" if found.updated_at else ""
+    out.print(f"[dim]{found.kind}s from {found.origin}{when}[/]")
+    if found.note:
+        out.print(f"[yellow]{found.note}[/]")
+    if not found.rows:
+        out.print("nothing with enough sends yet")
+        return
+    top_ctr = max(float(r["ctr"]) for r in found.rows)
+    top_cvr = max(float(r["cvr"]) for r in found.rows)
+    table = Table(title=f"copy insights: {found.kind}s", show_edge=False)
+    for column in (found.kind, "sends", "CTR", "", "CTR ≥", "CVR", "", "CVR ≥", "copy"):
+        table.add_column(column, justify="right" if column in ("sends", "CTR", "CTR ≥", "CVR", "CVR ≥") else "left")
+    for row in found.rows:
+        table.add_row(
+            Text(str(row["item"])),
+            f"{int(row['sends']):,}",
+            f"{float(row['ctr']):.1%}",
+            bar(float(row["ctr"]), top_ctr),
+            f"{float(row['ctr_lower']):.1%}",
+            f"{float(row['cvr']):.1%}",
+            bar(float(row["cvr"]), top_cvr),
+            f"{float(row['cvr_lower']):.1%}",
+            Text((row.get("body") or "")[:30]),  # copy may hold square brackets, which rich reads as markup
+        )
+    out.print(table)

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from schemas.segments import Segment
 
 log = logging.getLogger("loopcast.jobs")
-jobs_app = typer.Typer(help="Spark batch jobs: rebuild tags and counters, materialise segments.", no_args_is_help=True)
+jobs_app = typer.Typer(
+    help="Spark batch jobs: rebuild tags and counters, materialise segments, rank copy.", no_args_is_help=True
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -37,6 +39,7 @@ err = Console(stderr=True)
 class JobName(StrEnum):
     tags = "tags"
     segments = "segments"
+    knowledge = "knowledge"
 
 
 @dataclass
@@ -88,6 +91,16 @@ def active_segments(settings: Settings, segments_file: Path | None) -> list[Segm
     return [d.segment for d in sorted(documents, key=lambda d: d.id)]
 
 
+def copy_documents(settings: Settings, copy_file: Path | None) -> list[Any]:
+    """Templates, campaigns and channels: from the file, else the config topic."""
+    from jobs.knowledge import load_documents
+    from schemas.config import Campaign, Channel, Template
+
+    if copy_file is not None:
+        return load_documents(copy_file)
+    return [d for d in _config_documents(settings) if isinstance(d, Template | Campaign | Channel)]
+
+
 def _redis(settings: Settings) -> redis.Redis:
     import redis
 
@@ -106,6 +119,7 @@ def run_job(
     *,
     rules_file: Path | None = None,
     segments_file: Path | None = None,
+    copy_file: Path | None = None,
     now: dt.datetime | None = None,
     master: str | None = None,
     work_dir: Path | None = None,
@@ -118,6 +132,7 @@ def run_job(
     """Export → job → load back, each step timed. What the caller passes in (warehouse, Redis, Spark)
     it keeps; what this opens, it closes."""
     from connectors.warehouse import connect, migrate
+    from jobs import knowledge as knowledge_job
     from jobs import segments as segments_job
     from jobs import tags as tags_job
     from jobs.common import export_tables, require_writable, spark_session
@@ -133,6 +148,9 @@ def run_job(
             if name is JobName.tags:
                 rules = tag_rules(settings, rules_file)
                 info["detail"] = f"{len(rules)} tag rules"
+            elif name is JobName.knowledge:
+                documents = copy_documents(settings, copy_file)
+                info["detail"] = f"{len(documents)} templates, campaigns and channels"
             else:
                 segments = active_segments(settings, segments_file)
                 info["detail"] = f"{len(segments)} active segments"
@@ -142,7 +160,7 @@ def run_job(
                 opened.append(warehouse)
             require_writable(warehouse)
             migrate(warehouse)  # the load-back tables (008) may be newer than the last worker run
-            tables = ("user_events",) if name is JobName.tags else AUDIENCE_TABLES
+            tables = {JobName.tags: ("user_events",), JobName.knowledge: ("outcomes",)}.get(name, AUDIENCE_TABLES)
             counts = export_tables(warehouse, input_dir, tables)
             info["detail"] = ", ".join(f"{table} {rows}" for table, rows in counts.items())
         if redis_client is None and use_redis:
@@ -156,11 +174,14 @@ def run_job(
             if name is JobName.tags:
                 result = tags_job.run(spark, input_dir, output_dir, rules, now)
                 report.result = {"users": result.users, "tags": result.tags, "changes": result.changes}
+            elif name is JobName.knowledge:
+                ranked = knowledge_job.run(spark, input_dir, output_dir, documents, now)
+                report.result = {"copies": ranked.copies, "sends": ranked.sends, **ranked.items}
             else:
                 built = segments_job.run(spark, input_dir, output_dir, segments, now)
                 report.result = dict(built.members)
             info["detail"] = ", ".join(f"{k} {v}" for k, v in report.result.items())
-        load = tags_job.load_back if name is JobName.tags else segments_job.load_back
+        load = {JobName.tags: tags_job, JobName.knowledge: knowledge_job}.get(name, segments_job).load_back
         with steps.step("load into ClickHouse") as info:
             loaded = load(output_dir, warehouse=warehouse)
             info["detail"] = ", ".join(f"{k} {v}" for k, v in loaded.items())
@@ -212,6 +233,12 @@ WorkDirOption = Annotated[
     Path | None, typer.Option("--work-dir", help="Where the Parquet goes; default <home>/jobs/<name>.")
 ]
 RedisOption = Annotated[bool, typer.Option("--redis/--no-redis", help="Also load the results into Redis.")]
+CopyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--copy", exists=True, dir_okay=False, help="Templates, campaigns, channels (JSON list); default: config topic."
+    ),
+]
 
 
 @jobs_app.command("run")
@@ -219,6 +246,7 @@ def run(
     name: JobName,
     rules: RulesOption = None,
     segments: SegmentsOption = None,
+    copy: CopyOption = None,
     now: Annotated[str | None, typer.Option(help="ISO 8601 instant to compute at; default: now.")] = None,
     master: MasterOption = None,
     work_dir: WorkDirOption = None,
@@ -233,6 +261,7 @@ def run(
             Settings(),
             rules_file=rules,
             segments_file=segments,
+            copy_file=copy,
             now=parse_now(now),
             master=master,
             work_dir=work_dir,

@@ -166,6 +166,9 @@ class Template(Document):
     # Where a click should land; rendered like the body, then wrapped in a tracked redirect.
     link: str | None = None
     cta: str | None = None
+    # Who wrote it: a person, a model ("llm:<model>") or the offline fallback writer; the knowledge base
+    # (copy_library) keeps it beside the copy's numbers.
+    source: str = Field(default="human", pattern=r"^(human|offline|llm:.+)$")
 
     PARTS: ClassVar[tuple[str, ...]] = ("title", "body", "long_text", "image_url", "link", "cta")
 

@@ -150,7 +150,7 @@ def library_rows(documents: Iterable[Any], seen_at: datetime, *, source: str | N
             "long_text": template.long_text,
             "cta": template.cta,
             "text": copy_text(template.parts()),
-            "source": source or getattr(template, "source", None) or "human",
+            "source": source or template.source,
             "seen_at": seen_at,
         }
 
