@@ -85,7 +85,9 @@ async def _publish(settings: Settings, result: GenerationResult, campaign_id: st
         )
         link = current.link if current else None
     templates = [
-        to_template(copy.bundle, f"{campaign_id}.gen-{i + 1}", link=link, version=campaign.version + 1)
+        to_template(
+            copy.bundle, f"{campaign_id}.gen-{i + 1}", link=link, version=campaign.version + 1, source=result.source
+        )
         for i, copy in enumerate(result.accepted)
     ]
     updated = with_generated_variants(campaign, [t.id for t in templates])

@@ -464,11 +464,15 @@ async def generate(
     return result
 
 
-def to_template(bundle: CopyBundle, template_id: str, *, link: str | None = None, version: int = 1) -> Template:
-    """The bundle as a Template document; the link is the campaign's (where a click lands), not the writer's."""
+def to_template(
+    bundle: CopyBundle, template_id: str, *, link: str | None = None, version: int = 1, source: str = "offline"
+) -> Template:
+    """The bundle as a Template document; the link is the campaign's (where a click lands), not the writer's, and
+    `source` the result's ("offline" or "llm:<model>"), so the knowledge base can tell whose copy converted."""
     return Template(
         id=template_id,
         version=version,
+        source=source,
         title=bundle.title,
         body=bundle.short_text,
         long_text=bundle.long_text,

@@ -113,6 +113,7 @@ def test_generated_copy_joins_a_campaigns_ab_test(local_stack, stack_env, tmp_pa
         generated = store.template(f"gen-c1.gen-{i + 1}")
         assert isinstance(generated, Template) and generated.body == accepted["bundle"]["short_text"]
         assert generated.link == "https://shop.example.com/c"  # the campaign's link, not the writer's
+        assert generated.source == "llm:gpt-4o-mini"
 
 
 @pytest.mark.integration

@@ -146,8 +146,9 @@ def test_messages_carry_brief_fields_limits_examples_and_problems() -> None:
 
 def test_to_template_maps_the_parts() -> None:
     template = to_template(
-        bundle(image_url="https://img.example.com/a.png"), "t-gen-1", link="https://shop.example.com"
+        bundle(image_url="https://img.example.com/a.png"), "t-gen-1", link="https://shop.example.com", source="llm:m"
     )
+    assert template.source == "llm:m"
     assert (template.title, template.body, template.long_text) == (GOOD["title"], GOOD["short_text"], GOOD["long_text"])
     assert (template.image_url, template.link, template.cta) == (
         "https://img.example.com/a.png",
