@@ -137,16 +137,21 @@ def tally(outcomes: Iterable[Outcome], now: float, cfg: MonitorSettings) -> dict
     """A batch's outcomes as counts per subject and bucket (by when each happened; a clock ahead of
     ours counts now, anything older than the baseline is history and left out)."""
     span = windows(now, cfg)
-    counts: dict[Subject, dict[int, Tally]] = {}
+    raw: dict[tuple[Subject, int], list[int]] = {}  # plain counters: this loop runs per outcome
     for outcome in outcomes:
         ok = health(outcome)
         if ok is None:
             continue
-        bucket = min(bucket_of(outcome.occurred_at.timestamp(), cfg), span.now)
+        bucket = min(math.floor(outcome.occurred_at.timestamp() / cfg.bucket_s), span.now)
         if bucket < span.oldest:
             continue
-        per = counts.setdefault((outcome.channel, outcome.provider), {})
-        per[bucket] = per.get(bucket, Tally()) + (Tally(1, 0) if ok else Tally(0, 1))
+        key = ((outcome.channel, outcome.provider), bucket)
+        if (counter := raw.get(key)) is None:
+            counter = raw[key] = [0, 0]
+        counter[0 if ok else 1] += 1
+    counts: dict[Subject, dict[int, Tally]] = {}
+    for (subject, bucket), (good, bad) in raw.items():
+        counts.setdefault(subject, {})[bucket] = Tally(good, bad)
     return counts
 
 

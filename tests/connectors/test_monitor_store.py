@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from connectors.monitor_store import MonitorStore
+from connectors.monitor_store import MonitorStore, bucket_key
 from connectors.state import redis_client
 from infra.settings import Settings
 from schemas.models import Severity
@@ -34,7 +34,7 @@ def test_workers_share_counts_and_only_one_opens_or_closes(local_stack, stack_en
             seen, states = await two.add_and_read({A: {b: Tally(1, 4)}, B: {span.oldest: Tally(9, 0)}}, span)
             assert seen[A] == {b - 1: Tally(3, 1), b: Tally(3, 4)}
             assert seen[B] == {span.oldest: Tally(9, 0)} and states == {}
-            ttl = await redis.ttl(f"monitor:{app_id}:bucket:{b}")
+            ttl = await redis.ttl(bucket_key(app_id, b))
             assert 0 < ttl <= one.ttl_s
             state = OpenAlert(alert_id="x", baseline=0.99, current=0.2, opened_at=NOW, severity=Severity.critical)
             opened = await asyncio.gather(one.open(A, state), two.open(A, state.model_copy(update={"alert_id": "y"})))

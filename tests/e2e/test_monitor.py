@@ -45,7 +45,9 @@ def test_a_failing_provider_raises_one_alert_then_a_recovery(worker) -> None:
         failed_at = time.monotonic()
         drop = scenario.wait_for_alert(DROP, timeout_s=60)
         assert time.monotonic() - failed_at < 60
-        assert drop.severity.value == "critical" and drop.value is not None and drop.value < 0.6
+        # The rate when it fired: below the baseline (100 %) by more than the margin, and deep enough to be critical.
+        margin = settings.monitor.margin
+        assert drop.severity.value == "critical" and drop.value is not None and drop.value < 1 - margin
         assert "dropped from 100.0% to" in drop.message
         wait_for(lambda: stored(wh, drop.alert_id), timeout_s=60, what="the alert in ClickHouse")
         report = subprocess.run(
