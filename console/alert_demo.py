@@ -50,9 +50,11 @@ class ProviderFailure:
         self._thread: threading.Thread | None = None
         self.fired = 0
 
-    def setup(self) -> None:
+    def setup(self, with_operator_channel: bool = True) -> None:
+        """Profiles and config; `with_operator_channel` points settings.alert_channel at the WeCom bot
+        sandbox (leave it False on a stack whose operators' channel is real)."""
         documents = [
-            operator_channel(self.settings),
+            *([operator_channel(self.settings)] if with_operator_channel else []),
             self.channel,
             Template(id=f"{self.prefix}-t", body="Your order {order} has shipped"),
             Campaign(
@@ -147,11 +149,14 @@ class ProviderFailure:
         return found[0]
 
 
-def show_delivery_alert(settings: Settings, prefix: str = "alert-demo", timeout_s: float = 120) -> Alert:
+def show_delivery_alert(
+    settings: Settings, prefix: str = "alert-demo", timeout_s: float = 120, with_operator_channel: bool = True
+) -> Alert:
     """Fail a provider under steady traffic and return the monitor's drop alert (it is also in
-    ClickHouse `alerts` and at the operators' channel); the provider is healthy again afterwards."""
+    ClickHouse `alerts` and at the operators' channel); the provider is healthy again afterwards.
+    Needs a running worker with the monitor stage (any `stack up --workers`)."""
     scenario = ProviderFailure(settings, prefix)
-    scenario.setup()
+    scenario.setup(with_operator_channel)
     known = len(scenario.alerts(DROP))
     scenario.start_traffic()
     try:

@@ -54,7 +54,7 @@ Counts = Mapping[int, Tally]  # bucket index -> tally
 
 class OpenAlert(BaseModel):
     """An open drop, kept in Redis while it lasts: recovery is judged against the baseline it fell
-    from (the sliding baseline itself sinks once the drop is older than the window)."""
+    from, since the sliding baseline takes in the bad rate itself once the drop is older than the window."""
 
     alert_id: str
     baseline: float
@@ -183,7 +183,7 @@ def assess(
         baseline = total(counts, span.baseline)
         if not dropped(current, baseline, cfg):
             return None
-        # A drop is caught while the window still holds some good minutes: its newest third says how
+        # A drop is caught while the window still holds some good seconds: its newest third says how
         # deep it really is (when that third has enough outcomes to say anything).
         newest = total(counts, span.window[-max(1, len(span.window) // 3) :])
         lowest = newest if newest.samples * 2 >= cfg.min_samples and newest.rate < current.rate else current
@@ -196,7 +196,8 @@ def assess(
             severity=Severity.critical if depth >= cfg.critical_drop else Severity.warning,
         )
         return Change(DROP, state, lowest)
-    # Recovered only after a whole recovery span since the drop, all of it back near the old baseline.
+    # Recovered only after a whole recovery span since the drop, its rate (and the window's) back near
+    # the old baseline: the smaller recover_margin against the drop's margin is the hysteresis.
     if now - open_alert.opened_at < cfg.recover_s:
         return None
     recent = total(counts, span.recovery)
