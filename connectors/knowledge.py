@@ -1,11 +1,11 @@
 """Reading the copy knowledge base (infra/clickhouse/010_copy_knowledge.sql, jobs/knowledge.py): the best copy
-as few-shot examples for the copy generator, Beta priors for new variants, the insights people read, and
-recording copy into copy_library."""
+as few-shot examples for the copy generator, Beta priors for new variants (CampaignVariant.prior, which the
+bandit starts from), the insights people read, and recording copy into copy_library."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,21 +14,14 @@ from streams.copy.knowledge import KINDS, MIN_SENDS, PRIOR_CAP, Kind, beta_prior
 from streams.copy.variants import BetaPrior, Metric
 
 if TYPE_CHECKING:
-    import redis
-
     from connectors.warehouse import Warehouse
     from schemas.config import Document
+    from streams.copy.generate import CopyExample
 
 LIBRARY = "copy_library"
 KNOWLEDGE = "copy_knowledge"
-PRIOR_PREFIX = "knowledge:prior:"
 # The ranking column per metric: the lower bound, so thin evidence does not rank first.
 _LOWER = {"ctr": "ctr_lower", "cvr": "cvr_lower"}
-
-
-def prior_key(template_id: str) -> str:
-    """Redis: a template's bandit prior as JSON ({"ctr": {alpha, beta}, "cvr": {...}, "sends": n})."""
-    return f"{PRIOR_PREFIX}{template_id}"
 
 
 def record_copy(
@@ -46,7 +39,7 @@ def record_copy(
 _FEW_SHOT_SQL = """
 SELECT p.template_id AS template_id, any(l.title) AS title, any(l.body) AS short_text,
        any(l.long_text) AS long_text,
-       any(l.cta) AS cta, any(l.channel_format) AS channel_format, any(l.trigger_event) AS phase,
+       any(l.cta) AS cta, any(l.channel_format) AS channel_format, any(l.trigger_event) AS trigger_event,
        any(l.source) AS source, sum(p.sends) AS sends, sum(p.clicks) AS clicks,
        sum(p.conversions) AS conversions, clicks / sends AS ctr, conversions / sends AS cvr,
        loopcast_wilson_lower(clicks, sends) AS ctr_lower, loopcast_wilson_lower(conversions, sends) AS cvr_lower
@@ -56,7 +49,7 @@ INNER JOIN copy_library AS l FINAL
    AND l.variant = p.variant
 WHERE p.template_id != ''
   AND ({format:Nullable(String)} IS NULL OR l.channel_format = {format:Nullable(String)})
-  AND ({phase:Nullable(String)} IS NULL OR l.trigger_event = {phase:Nullable(String)})
+  AND ({trigger:Nullable(String)} IS NULL OR l.trigger_event = {trigger:Nullable(String)})
 GROUP BY p.template_id
 HAVING sends >= {min_sends:UInt64}
 ORDER BY {order} DESC, sends DESC, template_id
@@ -68,21 +61,34 @@ def few_shot_examples(
     warehouse: Warehouse,
     *,
     channel_format: str | None = None,
-    phase: str | None = None,
+    trigger_event: str | None = None,
     limit: int = 5,
     metric: Metric = "ctr",
     min_sends: int = MIN_SENDS,
 ) -> list[dict[str, Any]]:
     """The best copy sent, for the generator's prompt (the fields of streams.copy.generate.CopyExample and
     more): template_id, title, short_text (the template's body), long_text, cta,
-    channel_format, phase, source, sends, clicks, conversions, ctr, cvr, ctr_lower, cvr_lower. Ranked by
-    the metric's lower bound, from the live views (always current, whether or not the job ran).
-    `channel_format` (sms-cn, push-fcm, email …) keeps copy written for the same place; `phase` matches
-    the trigger event of the campaign that sent it (cart_add, signup …): campaigns do not declare a
-    warm-up / peak / long-tail phase (the generator's brief does), so that is the moment copy knows."""
+    channel_format, trigger_event, source, sends, clicks, conversions, ctr, cvr, ctr_lower, cvr_lower.
+    Ranked by the metric's lower bound, from the live views (always current, whether or not the job ran).
+    `channel_format` (sms-cn, push-fcm, email …) keeps copy written for the same place; `trigger_event`
+    copy sent on the same moment (cart_add, signup …) — the moment copy knows of: campaigns declare no
+    warm-up / peak / long-tail phase, only the generator's brief does."""
     sql = _FEW_SHOT_SQL.replace("{order}", _LOWER[metric])
-    parameters = {"format": channel_format, "phase": phase, "min_sends": min_sends, "limit": limit}
+    parameters = {"format": channel_format, "trigger": trigger_event, "min_sends": min_sends, "limit": limit}
     return warehouse.query(sql, parameters)
+
+
+def examples_for(
+    warehouse: Warehouse, *, trigger_event: str | None = None, limit: int = 3, metric: Metric = "ctr"
+) -> list[CopyExample]:
+    """The generator's few-shot examples: the best copy sent on `trigger_event` (the campaign the copy is for),
+    else the best copy of any campaign; none before anything has enough sends."""
+    from streams.copy.generate import CopyExample
+
+    rows = few_shot_examples(warehouse, trigger_event=trigger_event, limit=limit, metric=metric)
+    if not rows and trigger_event is not None:
+        rows = few_shot_examples(warehouse, limit=limit, metric=metric)
+    return [CopyExample.model_validate(row) for row in rows]
 
 
 _TEMPLATE_KNOWLEDGE_SQL = (
@@ -97,6 +103,16 @@ _TERMS_SQL = (
     "SELECT kind, item, sends, clicks, conversions FROM copy_knowledge FINAL WHERE kind IN ('keyword', 'phrase')"
     " AND campaign_id = '' AND channel = {channel:String} AND has({items:Array(String)}, item)"
 )
+# Before the job ran: the templates sent, with their literal copy, to count terms from here.
+_TEMPLATES_LIVE_SQL = """
+SELECT r.template_id AS template_id, r.sends AS sends, r.clicks AS clicks, r.conversions AS conversions, t.text AS text
+FROM copy_template_ranking AS r
+INNER JOIN
+(
+    SELECT template_id, argMax(text, (seen_at, version)) AS text FROM copy_library GROUP BY template_id
+) AS t ON t.template_id = r.template_id
+WHERE r.channel = {channel:String}
+"""
 
 
 def prior_for(
@@ -113,7 +129,8 @@ def prior_for(
     """A Beta prior for a new variant (CampaignVariant.prior), from the copy most like it, worth at most
     `cap` sends: the template's own record when it was sent before (copy_knowledge, else the live
     ranking), else the keywords and phrases it shares with copy already sent (their pooled rate, as much
-    evidence as the best-supported of them, since one message counts under each of its terms), else
+    evidence as the best-supported of them, since one message counts under each of its terms; from
+    copy_knowledge once the job ran, else counted here over the templates in the live ranking), else
     Beta(1, 1). `text` is literal copy; `parts` a template's parts (fields and tags are left out)."""
     successes = "clicks" if metric == "ctr" else "conversions"
     if template_id:
@@ -124,7 +141,12 @@ def prior_for(
     wanted = sorted(item for _, item in terms((text or "") + "\n" + copy_text(parts or {})))
     if not wanted:
         return BetaPrior()
-    rows = [r for r in warehouse.query(_TERMS_SQL, {"channel": channel, "items": wanted}) if r["sends"] >= min_sends]
+    (loaded,) = warehouse.query("SELECT count() AS n FROM copy_knowledge")
+    if loaded["n"]:
+        found = warehouse.query(_TERMS_SQL, {"channel": channel, "items": wanted})
+    else:
+        found = live_terms(warehouse.query(_TEMPLATES_LIVE_SQL, {"channel": channel}), set(wanted))
+    rows = [r for r in found if r["sends"] >= min_sends]
     if not rows:
         return BetaPrior()
     rate = sum(r[successes] for r in rows) / sum(r["sends"] for r in rows)
@@ -132,15 +154,18 @@ def prior_for(
     return beta_prior(rate * evidence, evidence, cap=cap)
 
 
-def bandit_priors(client: redis.Redis, template_ids: Sequence[str], metric: Metric) -> dict[str, BetaPrior]:
-    """The priors the knowledge job wrote to Redis for these templates (those it found enough sends for)."""
-    if not template_ids:
-        return {}
-    found: dict[str, BetaPrior] = {}
-    for template_id, raw in zip(template_ids, client.mget([prior_key(t) for t in template_ids]), strict=True):
-        if raw:
-            found[template_id] = BetaPrior.model_validate(json.loads(raw)[metric])
-    return found
+def live_terms(templates: Iterable[dict[str, Any]], wanted: set[str]) -> list[dict[str, Any]]:
+    """The job's term counts (sends, clicks, conversions per keyword or phrase) for the `wanted` items, from
+    templates' totals and literal copy: a term earns what every template using it earned."""
+    totals: dict[str, dict[str, Any]] = defaultdict(lambda: {"sends": 0, "clicks": 0, "conversions": 0})
+    for template in templates:
+        for kind, item in terms(template["text"] or ""):
+            if item in wanted:
+                total = totals[item]
+                total["kind"], total["item"] = kind, item
+                for key in ("sends", "clicks", "conversions"):
+                    total[key] += int(template[key])
+    return list(totals.values())
 
 
 # --------------------------------------------------------------------------------------------

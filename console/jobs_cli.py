@@ -163,7 +163,8 @@ def run_job(
             tables = {JobName.tags: ("user_events",), JobName.knowledge: ("outcomes",)}.get(name, AUDIENCE_TABLES)
             counts = export_tables(warehouse, input_dir, tables)
             info["detail"] = ", ".join(f"{table} {rows}" for table, rows in counts.items())
-        if redis_client is None and use_redis:
+        # The knowledge job's output lives in ClickHouse only (priors are read from there on publish).
+        if redis_client is None and use_redis and name is not JobName.knowledge:
             redis_client = _redis(settings)
             opened.append(redis_client)
         with steps.step("start Spark"):

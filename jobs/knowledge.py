@@ -1,6 +1,7 @@
 """The copy knowledge base (Spark): what every template, keyword and phrase of the copy sent has earned in
 clicks and conversions per send, with 95 % Wilson lower bounds, per campaign and channel and overall; then
-load it back into ClickHouse (copy_library, copy_knowledge) and into Redis as bandit priors per template."""
+load it back into ClickHouse (copy_library, copy_knowledge), where connectors.knowledge reads few-shot examples
+and the priors new variants start from."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-from connectors.knowledge import KNOWLEDGE, LIBRARY, prior_key  # noqa: E402
+from connectors.knowledge import KNOWLEDGE, LIBRARY  # noqa: E402
 from jobs.common import (  # noqa: E402
     JobError,
     insert_table,
@@ -30,10 +31,9 @@ from jobs.common import (  # noqa: E402
 )
 from schemas.config import DOCUMENT_TYPES, Document  # noqa: E402
 from schemas.models import ConfigKind  # noqa: E402
-from streams.copy.knowledge import MIN_SENDS, Z, beta_prior, library_rows, terms  # noqa: E402
+from streams.copy.knowledge import MIN_SENDS, Z, library_rows, terms  # noqa: E402
 
 if TYPE_CHECKING:
-    import redis
     from pyspark.sql import Column, DataFrame, SparkSession
 
     from connectors.warehouse import Warehouse
@@ -222,52 +222,18 @@ def run(
     return result
 
 
-def load_back(
-    output_dir: Path,
-    *,
-    warehouse: Warehouse | None = None,
-    redis_client: redis.Redis | None = None,
-    built_at: dt.datetime | None = None,
-) -> dict[str, int]:
+def load_back(output_dir: Path, *, warehouse: Warehouse, built_at: dt.datetime | None = None) -> dict[str, int]:
     """ClickHouse: copy_knowledge is truncated and refilled (updated_at = built_at); copy_library rows are
     appended, and a row seen again collapses on its key (ReplacingMergeTree by seen_at), so a rerun adds
-    nothing a reader sees and copy no longer on the config topic keeps its history. Redis: one JSON
-    prior per template with enough sends (`knowledge:prior:{template_id}`, {"ctr": {alpha, beta}, "cvr":
-    …, "sends"}), and the priors of templates that no longer qualify are deleted."""
+    nothing a reader sees and copy no longer on the config topic keeps its history. Priors for new variants
+    are read from here when copy is published (connectors.knowledge.prior_for), so nothing goes to Redis."""
     output = Path(output_dir)
     read_manifest(output, MANIFEST)
     built_at = built_at or dt.datetime.now(dt.UTC)
-    table = read_parquet(output / KNOWLEDGE)
-    loaded: dict[str, int] = {}
-    if warehouse is not None:
-        require_writable(warehouse)
-        loaded[LIBRARY] = insert_table(warehouse, LIBRARY, read_parquet(output / LIBRARY))
-        warehouse.command(f"TRUNCATE TABLE {KNOWLEDGE}")
-        loaded[KNOWLEDGE] = insert_table(warehouse, KNOWLEDGE, table, {"updated_at": built_at})
-    if redis_client is not None:
-        priors = {
-            prior_key(row["item"]): json.dumps(
-                {
-                    "ctr": beta_prior(row["clicks"], row["sends"]).model_dump(),
-                    "cvr": beta_prior(row["conversions"], row["sends"]).model_dump(),
-                    "sends": row["sends"],
-                }
-            )
-            for row in table.to_pylist()
-            if row["kind"] == "template" and row["campaign_id"] == "" and row["channel"] == ""
-        }
-        stale = [
-            name
-            for raw in redis_client.scan_iter(match=prior_key("*"), count=5_000)
-            if (name := raw.decode() if isinstance(raw, bytes) else raw) not in priors
-        ]
-        pipe = redis_client.pipeline(transaction=True)
-        if priors:
-            pipe.mset(priors)
-        if stale:
-            pipe.delete(*stale)
-        pipe.execute()
-        loaded["redis priors"] = len(priors)
+    require_writable(warehouse)
+    loaded = {LIBRARY: insert_table(warehouse, LIBRARY, read_parquet(output / LIBRARY))}
+    warehouse.command(f"TRUNCATE TABLE {KNOWLEDGE}")
+    loaded[KNOWLEDGE] = insert_table(warehouse, KNOWLEDGE, read_parquet(output / KNOWLEDGE), {"updated_at": built_at})
     return loaded
 
 

@@ -1,6 +1,6 @@
 """The knowledge base in chDB: the live views over outcomes and copy_library, few-shot examples filtered by
-format and phase, priors from a template's record or from similar copy, and insights from the job's table
-or, before it ran, from the live views."""
+format and trigger event, priors from a template's record or from similar copy (the job's terms, or before it
+ran the live ranking's), and insights from the job's table or, before it ran, from the live views."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from connectors.knowledge import few_shot_examples, insights, prior_for, record_copy, top_rows
+from connectors.knowledge import examples_for, few_shot_examples, insights, prior_for, record_copy, top_rows
 from schemas.config import Campaign, Channel, Template
 from streams.copy.generate import CopyExample
 from streams.copy.knowledge import wilson_lower
@@ -104,14 +104,24 @@ def test_few_shot_examples(warehouse, tag: str) -> None:
     examples = [e for e in few_shot_examples(warehouse, limit=50) if e["template_id"].startswith(tag)]
     assert [e["template_id"] for e in examples] == [f"{tag}-strong", f"{tag}-welcome", f"{tag}-weak"]
     best = examples[0]
-    assert best["short_text"] == "${name}，购物车里的宝贝只剩3件，快抢" and best["phase"] == "cart_add"
+    assert best["short_text"] == "${name}，购物车里的宝贝只剩3件，快抢" and best["trigger_event"] == "cart_add"
     assert CopyExample.model_validate(best).ctr == pytest.approx(0.2)  # what the generator's prompt takes
-    sms = few_shot_examples(warehouse, channel_format="sms-cn", phase="cart_add", limit=50)
+    sms = few_shot_examples(warehouse, channel_format="sms-cn", trigger_event="cart_add", limit=50)
     assert {e["template_id"] for e in sms if e["template_id"].startswith(tag)} == {f"{tag}-strong", f"{tag}-weak"}
     by_cvr = few_shot_examples(warehouse, channel_format="push-fcm", metric="cvr", limit=50)
     assert f"{tag}-welcome" in [e["template_id"] for e in by_cvr]
-    assert few_shot_examples(warehouse, phase="no-such-event") == []
+    assert few_shot_examples(warehouse, trigger_event="no-such-event") == []
     assert all(e["sends"] >= 30 for e in few_shot_examples(warehouse, limit=50))
+
+
+def test_examples_for_the_generator(warehouse, tag: str) -> None:
+    on_cart = examples_for(warehouse, trigger_event="cart_add", limit=50)
+    mine = [e.short_text for e in on_cart if e.short_text.endswith(("快抢", "在等你"))]
+    assert mine[:2] == ["${name}，购物车里的宝贝只剩3件，快抢", "${name}，购物车里的宝贝在等你"]
+    assert "Hi ${name}, welcome aboard" not in [e.short_text for e in on_cart]
+    # Nothing sent on that moment yet: the best copy of any campaign.
+    anywhere = examples_for(warehouse, trigger_event="no-such-event", limit=50)
+    assert anywhere and anywhere == examples_for(warehouse, limit=50)
 
 
 def test_prior_for_a_sent_template_uses_its_record(warehouse, tag: str) -> None:
@@ -142,6 +152,17 @@ def test_prior_for_new_copy_from_similar_terms(warehouse, tag: str) -> None:
     nothing = prior_for(warehouse, text="completely unrelated words")
     assert (nothing.alpha, nothing.beta) == (1, 1)
     warehouse.command("TRUNCATE TABLE copy_knowledge")
+
+
+def test_prior_for_new_copy_before_the_job_ran(warehouse, tag: str) -> None:
+    warehouse.command("TRUNCATE TABLE copy_knowledge")
+    # "快抢" is only in the strong copy (80 clicks of 400 sends), on this tag's SMS channel.
+    prior = prior_for(warehouse, text="快抢", channel=f"{tag}-sms")
+    assert (prior.alpha, prior.beta) == pytest.approx((1 + 20, 1 + 80))
+    # "购物车" is in both cart templates: 100 clicks of 800 sends, worth the cap.
+    shared = prior_for(warehouse, parts={"body": "${name}，购物车"}, channel=f"{tag}-sms")
+    assert (shared.alpha, shared.beta) == pytest.approx((1 + 12.5, 1 + 87.5))
+    assert prior_for(warehouse, text="快抢", channel=f"{tag}-push") == prior_for(warehouse, text="nothing like it")
 
 
 def test_insights_before_and_after_the_job(warehouse, tag: str) -> None:
