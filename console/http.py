@@ -7,6 +7,7 @@ written anywhere else, so the loop stays replayable.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -44,8 +45,11 @@ class Endpoints:
         producer: AIOKafkaProducer,
         policy: PolicyStore,
         ready: Callable[[], bool] = lambda: True,
+        warehouse=None,
     ) -> None:
         self.settings = settings
+        # The warehouse this process owns (None elsewhere): the knowledge base copy generation learns from.
+        self.warehouse = warehouse
         self.state = state
         self.policy = policy
         self.producer = producer
@@ -246,7 +250,9 @@ class Endpoints:
         return web.json_response({"accepted": len(events)}, status=202)
 
     async def copy_generate(self, request: web.Request) -> web.Response:
-        """POST a copy brief (streams.copy.generate.CopyBrief as JSON); the generated and rejected copy come back."""
+        """POST a copy brief (streams.copy.generate.CopyBrief as JSON); the generated and rejected copy come back.
+        The best copy sent (on ?trigger_event=…, else on any) is shown to the writer as examples."""
+        from connectors.knowledge import examples_for
         from connectors.llm import LlmError, writer_for
         from streams.copy.generate import CopyBrief, generate
 
@@ -255,14 +261,19 @@ class Endpoints:
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_context=False)
             return web.json_response({"errors": errors}, status=400, dumps=_dumps)
+        examples = []
+        if self.warehouse is not None:
+            trigger = request.query.get("trigger_event")
+            examples = await asyncio.to_thread(examples_for, self.warehouse, trigger_event=trigger)
         writer = writer_for(self.settings)
         try:
-            result = await generate(brief, writer, attempts=self.settings.llm_attempts)
+            result = await generate(brief, writer, examples, attempts=self.settings.llm_attempts)
         except LlmError as exc:
             return web.json_response({"error": str(exc)}, status=502)
         finally:
             await writer.close()
-        return web.json_response(result.model_dump(mode="json"), dumps=_dumps)
+        body = {**result.model_dump(mode="json"), "examples": [e.model_dump(mode="json") for e in examples]}
+        return web.json_response(body, dumps=_dumps)
 
 
 def _dumps(value) -> str:
@@ -309,7 +320,7 @@ async def start_http(
     warehouse=None,
     ready=lambda: True,
 ) -> web.AppRunner:
-    endpoints = Endpoints(settings, state, producer, policy, ready)
+    endpoints = Endpoints(settings, state, producer, policy, ready, warehouse)
     runner = web.AppRunner(build_app(endpoints, warehouse), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.http_port).start()

@@ -1,5 +1,6 @@
 """The A/B loop: per-variant stats from ClickHouse → a decision → Redis (what render reads) and
-ClickHouse (the decision log); once a winner is known, messages held for it are released.
+ClickHouse (the decision log); once a winner is known, messages held for it are released. Before the
+stats, the copy each variant sends goes into copy_library, which the knowledge base's views rank.
 
 It runs in the worker that owns the warehouse, on a timer; the decision rule itself is pure
 (streams.copy.variants) and can be checked on any numbers with `loopcast ab decide`.
@@ -12,10 +13,12 @@ import json
 import logging
 from datetime import datetime
 
+from connectors.knowledge import LIBRARY
 from infra import topics
-from schemas.config import Campaign
+from schemas.config import Campaign, Channel, Document, Template
 from schemas.contracts import codec
 from schemas.models import MatchedMessage, now_utc
+from streams.copy.knowledge import library_rows
 from streams.copy.variants import Decision, VariantStats, decide, thompson_shares
 
 log = logging.getLogger("loopcast.experiments")
@@ -29,6 +32,16 @@ RELOG_EVERY_S = 10.0
 
 def experimenting(campaigns: list[Campaign]) -> list[Campaign]:
     return [c for c in campaigns if c.status == "active" and c.experiment is not None and len(c.variants) >= 2]
+
+
+def new_library_rows(documents: list[Document], recorded: set[tuple], now: datetime) -> list[dict]:
+    """copy_library rows for these documents' copy that are not among `recorded` (rows without seen_at)."""
+    rows = library_rows(documents, now)
+    return [r for r in rows if library_key(r) not in recorded]
+
+
+def library_key(row: dict) -> tuple:
+    return tuple(v for k, v in row.items() if k != "seen_at")
 
 
 def variant_stats(campaign: Campaign, rows: list[dict]) -> list[VariantStats]:
@@ -79,6 +92,9 @@ class ExperimentLoop:
         self.rt = rt
         self.interval_s = interval_s
         self._logged: dict[str, tuple[str, str | None, int, float]] = {}
+        # The copy documents last recorded (by key; a new version is a new object) and the rows written.
+        self._copy_seen: dict[str, Document] = {}
+        self._recorded: set[tuple] = set()
 
     async def run(self) -> None:
         while True:
@@ -89,6 +105,7 @@ class ExperimentLoop:
             await asyncio.sleep(self.interval_s)  # a schedule, not synchronisation
 
     async def tick(self) -> None:
+        await self.record_copy()
         campaigns = experimenting([d for d in self.rt.config.documents.values() if isinstance(d, Campaign)])
         if not campaigns:
             return
@@ -106,6 +123,20 @@ class ExperimentLoop:
             if decision.status != "continue":
                 log.info("A/B %s: %s %s (%s)", campaign.id, decision.status, decision.winner, decision.reason)
                 await self.release(campaign)
+
+    async def record_copy(self) -> int:
+        """The copy on the config topic into copy_library when a campaign, template or channel changed: copy is
+        published there (by people and by `loopcast copy generate --publish`), and this process owns the
+        warehouse. A row recorded again would collapse on its key anyway; only new ones are written."""
+        documents = [d for d in self.rt.config.documents.values() if isinstance(d, Campaign | Template | Channel)]
+        if len(documents) == len(self._copy_seen) and all(self._copy_seen.get(d.key) is d for d in documents):
+            return 0
+        rows = new_library_rows(documents, self._recorded, now_utc())
+        if rows:
+            await asyncio.to_thread(self.rt.warehouse.insert, LIBRARY, rows)
+            self._recorded.update(library_key(r) for r in rows)
+        self._copy_seen = {d.key: d for d in documents}
+        return len(rows)
 
     async def log_decision(self, campaign: Campaign, decision: Decision, now: datetime) -> None:
         key = (decision.status, decision.winner)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from jinja2 import TemplateError
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from schemas.config import Campaign, CampaignVariant, Template
 from streams.copy.channels import RULES, AdaptationError, Content, adapt, measure
 from streams.copy.language import MissingField, RenderTimeout, TemplateSyntaxError, compile_template
+from streams.copy.variants import BetaPrior
 
 Phase = Literal["warm-up", "peak", "long-tail"]
 Language = Literal["zh", "en"]
@@ -485,13 +486,27 @@ def to_template(
 GENERATED_PREFIX = "gen-"
 
 
-def with_generated_variants(campaign: Campaign, template_ids: Sequence[str]) -> Campaign:
+def generated_variant_ids(campaign: Campaign, count: int) -> list[str]:
+    """Variant ids for one generation of copy, new with every version of the campaign ("gen-<version>-<n>"):
+    outcomes carry the variant id and the knowledge base maps (campaign, variant) to its latest copy, so a
+    reused id would credit one generation's sends to the next one's copy."""
+    return [f"{GENERATED_PREFIX}{campaign.version + 1}-{i + 1}" for i in range(count)]
+
+
+def with_generated_variants(
+    campaign: Campaign, template_ids: Sequence[str], priors: Mapping[str, BetaPrior] | None = None
+) -> Campaign:
     """The campaign's next version, testing the generated templates beside its hand-written copy (a single
-    template becomes variant "a"); earlier generated variants are replaced. ValueError past 5 variants."""
+    template becomes variant "a"); earlier generated variants are replaced. `priors` (by template id, from
+    connectors.knowledge.prior_for) are where the bandit starts each new variant. ValueError past 5 variants."""
     hand = [v for v in campaign.variants if not v.id.startswith(GENERATED_PREFIX)]
     if not campaign.variants and campaign.template_id:
         hand = [CampaignVariant(id="a", template_id=campaign.template_id)]
-    generated = [CampaignVariant(id=f"{GENERATED_PREFIX}{i + 1}", template_id=t) for i, t in enumerate(template_ids)]
+    ids = generated_variant_ids(campaign, len(template_ids))
+    priors = priors or {}
+    generated = [
+        CampaignVariant(id=v, template_id=t, prior=priors.get(t)) for v, t in zip(ids, template_ids, strict=True)
+    ]
     variants = hand + generated
     if not 2 <= len(variants) <= 5:
         raise ValueError(

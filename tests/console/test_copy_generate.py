@@ -92,9 +92,9 @@ def test_generated_copy_joins_a_campaigns_ab_test(local_stack, stack_env, tmp_pa
     out = json.loads(result.output)
     assert out["source"] == "llm:gpt-4o-mini" and len(out["accepted"]) == 3
     assert out["published"] == [
-        "template:gen-c1.gen-1",
-        "template:gen-c1.gen-2",
-        "template:gen-c1.gen-3",
+        "template:gen-c1.gen-2-1",
+        "template:gen-c1.gen-2-2",
+        "template:gen-c1.gen-2-3",
         "campaign:gen-c1",
     ]
     requests = httpx.get(f"{sandbox}/_sandbox/llm/requests").json()
@@ -105,12 +105,12 @@ def test_generated_copy_joins_a_campaigns_ab_test(local_stack, stack_env, tmp_pa
     assert isinstance(updated, Campaign) and updated.version == 2 and updated.template_id is None
     assert [(v.id, v.template_id) for v in updated.variants] == [
         ("a", "gen-t-hand"),
-        ("gen-1", "gen-c1.gen-1"),
-        ("gen-2", "gen-c1.gen-2"),
-        ("gen-3", "gen-c1.gen-3"),
+        ("gen-2-1", "gen-c1.gen-2-1"),
+        ("gen-2-2", "gen-c1.gen-2-2"),
+        ("gen-2-3", "gen-c1.gen-2-3"),
     ]
     for i, accepted in enumerate(out["accepted"]):
-        generated = store.template(f"gen-c1.gen-{i + 1}")
+        generated = store.template(f"gen-c1.gen-2-{i + 1}")
         assert isinstance(generated, Template) and generated.body == accepted["bundle"]["short_text"]
         assert generated.link == "https://shop.example.com/c"  # the campaign's link, not the writer's
         assert generated.source == "llm:gpt-4o-mini"

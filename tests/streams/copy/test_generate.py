@@ -16,12 +16,14 @@ from streams.copy.generate import (
     bundle_schema,
     check,
     generate,
+    generated_variant_ids,
     messages_for,
     parse_bundle,
     to_template,
     with_generated_variants,
 )
 from streams.copy.offline import OfflineWriter, compose
+from streams.copy.variants import BetaPrior
 
 pytestmark = pytest.mark.unit
 
@@ -159,16 +161,19 @@ def test_to_template_maps_the_parts() -> None:
 
 def test_generated_variants_join_the_hand_written_copy() -> None:
     single = Campaign(id="c1", name="C", trigger={"event_type": "cart"}, channel="sms", template_id="t-hand")
-    updated = with_generated_variants(single, ["c1.gen-1", "c1.gen-2"])
-    assert [(v.id, v.template_id) for v in updated.variants] == [
-        ("a", "t-hand"),
-        ("gen-1", "c1.gen-1"),
-        ("gen-2", "c1.gen-2"),
+    assert generated_variant_ids(single, 2) == ["gen-2-1", "gen-2-2"]
+    prior = BetaPrior(alpha=21, beta=81)
+    updated = with_generated_variants(single, ["c1.gen-2-1", "c1.gen-2-2"], {"c1.gen-2-2": prior})
+    assert [(v.id, v.template_id, v.prior) for v in updated.variants] == [
+        ("a", "t-hand", None),
+        ("gen-2-1", "c1.gen-2-1", None),
+        ("gen-2-2", "c1.gen-2-2", prior),
     ]
     assert updated.template_id is None and updated.version == 2 and updated.experiment.fallback == "a"
-    # A second run replaces the earlier generated variants.
-    again = with_generated_variants(updated, ["c1.gen-1"])
-    assert [v.id for v in again.variants] == ["a", "gen-1"]
+    # A second run replaces the earlier generated variants, under new ids: outcomes of the first generation's
+    # sends keep pointing at the first generation's copy.
+    again = with_generated_variants(updated, ["c1.gen-3-1"])
+    assert [v.id for v in again.variants] == ["a", "gen-3-1"]
     full = single.model_copy(
         update={"template_id": None, "variants": [CampaignVariant(id=f"h{i}", template_id="t") for i in range(4)]}
     )
