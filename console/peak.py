@@ -3,9 +3,14 @@ builders for the cart and stock events that drive it (the demo and the e2e tests
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+from connectors.kafka import group_lag
+from connectors.state import State
+from infra import topics
+from infra.settings import Settings
 from schemas.config import Campaign, Document, InventoryTrigger, Template, Trigger
 from schemas.models import Event
 from streams.inventory import STOCK_CHANGED
@@ -71,3 +76,24 @@ def stock_event(
         occurred_at=at or datetime.now(UTC),
         properties={"product_id": product_id, "stock": stock, "product_name": product_name, "price": price},
     )
+
+
+def live_inventory(settings: Settings, product_id: str) -> tuple[set[str], int | None]:
+    """The product's carters and live stock as Redis holds them (what the next push is written from)."""
+
+    async def read() -> tuple[set[str], int | None]:
+        state = State(settings.redis)
+        try:
+            carters = {u async for chunk in state.inventory.carters(product_id) for u in chunk}
+            return carters, (await state.inventory.stocks([product_id]))[product_id]
+        finally:
+            await state.close()
+
+    return asyncio.run(read())
+
+
+def loop_idle(settings: Settings) -> bool:
+    """Everything produced so far has been handled and committed, up to dispatch: nothing more can go out."""
+    stage_topics = [topics.EVENTS.name, topics.MATCHED.name, topics.RENDERED.name]
+    stage_topics += [t.name for t in topics.DISPATCH.values()]
+    return asyncio.run(group_lag(settings.bootstrap, settings.app_id, stage_topics)) == 0

@@ -3,17 +3,13 @@ with the live number, once per threshold, and nothing once it sold out — not e
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from connectors import warehouse
-from connectors.kafka import group_lag
-from connectors.state import State
-from console.peak import cart_event, peak_documents, stock_event
-from infra import topics
+from console.peak import cart_event, live_inventory, loop_idle, peak_documents, stock_event
 from infra.waiting import wait_for
 from schemas.config import Audience, Channel
 from schemas.models import TERMINAL_CODES, OutcomeCode
@@ -39,20 +35,6 @@ def setup(settings, campaign_id: str, users: list[str], **campaign) -> None:
     publish(settings, [channel, *docs], [{"user_id": u, "name": u.rsplit("-", 1)[-1]} for u in users])
 
 
-def live(settings, product: str) -> tuple[set[str], int | None]:
-    """The product's carters and live stock as Redis holds them."""
-
-    async def read() -> tuple[set[str], int | None]:
-        state = State(settings.redis)
-        try:
-            carters = {u async for chunk in state.inventory.carters(product) for u in chunk}
-            return carters, (await state.inventory.stocks([product]))[product]
-        finally:
-            await state.close()
-
-    return asyncio.run(read())
-
-
 def outcomes(wh, campaign_id: str) -> list[dict]:
     return wh.query(
         "SELECT message_id, user_id, code, reason FROM outcomes FINAL WHERE campaign_id = {c:String}",
@@ -75,13 +57,6 @@ def assert_one_verdict_each(rows: list[dict]) -> None:
     assert all(len(codes - {"deduplicated"}) == 1 for codes in verdicts.values()), verdicts
 
 
-def idle(settings) -> bool:
-    """Everything produced so far has been handled and committed, up to dispatch."""
-    stage_topics = [topics.EVENTS.name, topics.MATCHED.name, topics.RENDERED.name]
-    stage_topics += [t.name for t in topics.DISPATCH.values()]
-    return asyncio.run(group_lag(settings.bootstrap, settings.app_id, stage_topics)) == 0
-
-
 def test_carters_hear_the_live_number_once_per_threshold_and_nothing_after_sell_out(worker) -> None:
     settings, campaign, product = worker, "inv-peak", "inv-p1"
     carters, paid, never = ["inv-a", "inv-b", "inv-c"], "inv-paid", "inv-never"
@@ -92,7 +67,9 @@ def test_carters_hear_the_live_number_once_per_threshold_and_nothing_after_sell_
         + [cart_event(u, product) for u in [*carters, paid]]
         + [cart_event(paid, product, "order_paid", amount=PRICE)],
     )
-    wait_for(lambda: live(settings, product) == (set(carters), 30), timeout_s=60, what="carts and stock in Redis")
+    wait_for(
+        lambda: live_inventory(settings, product) == (set(carters), 30), timeout_s=60, what="carts and stock in Redis"
+    )
 
     # Past 10, then one more sold in the same breath: the push quotes the stock when it is written.
     fire_events(settings, [stock(product, 8, "s1"), stock(product, 7, "s2")])
@@ -119,8 +96,8 @@ def test_carters_hear_the_live_number_once_per_threshold_and_nothing_after_sell_
 
         # Sold out: no push, though the stock fell past every threshold.
         fire_events(settings, [stock(product, 0, "s6")])
-        wait_for(lambda: live(settings, product)[1] == 0, timeout_s=60, what="the sell-out in Redis")
-        wait_for(lambda: idle(settings), timeout_s=90, interval_s=0.5, what="the loop to be idle")
+        wait_for(lambda: live_inventory(settings, product)[1] == 0, timeout_s=60, what="the sell-out in Redis")
+        wait_for(lambda: loop_idle(settings), timeout_s=90, interval_s=0.5, what="the loop to be idle")
         assert len(received(settings, campaign_id=campaign)) == 6
         rows = outcomes(wh, campaign)
         assert {r["user_id"] for r in rows} == set(carters)
@@ -138,14 +115,16 @@ def test_a_push_queued_before_the_sell_out_is_suppressed_as_sold_out(worker) -> 
     quiet = QuietHours(start=(now - timedelta(minutes=1)).time(), end=(now + timedelta(seconds=40)).time())
     setup(settings, campaign, carters, quiet_hours=quiet)
     fire_events(settings, [stock(product, 30, "s0")] + [cart_event(u, product) for u in carters])
-    wait_for(lambda: live(settings, product) == (set(carters), 30), timeout_s=60, what="carts and stock in Redis")
+    wait_for(
+        lambda: live_inventory(settings, product) == (set(carters), 30), timeout_s=60, what="carts and stock in Redis"
+    )
 
     wh = warehouse.connect(settings)
     try:
         fire_events(settings, [stock(product, 4, "s1")])
         wait_for(lambda: count(wh, campaign, OutcomeCode.deferred) == 2, timeout_s=60, what="2 deferred pushes")
         fire_events(settings, [stock(product, 0, "s2")])
-        wait_for(lambda: live(settings, product)[1] == 0, timeout_s=30, what="the sell-out in Redis")
+        wait_for(lambda: live_inventory(settings, product)[1] == 0, timeout_s=30, what="the sell-out in Redis")
         wait_for(lambda: count(wh, campaign, OutcomeCode.expired) == 2, timeout_s=90, what="2 sold-out outcomes")
         rows = outcomes(wh, campaign)
         assert {r["reason"] for r in rows if r["code"] == "expired"} == {f"sold out: {product}"}
