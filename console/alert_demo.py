@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import httpx
@@ -49,6 +51,7 @@ class ProviderFailure:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.fired = 0
+        self.failed_at: float | None = None  # time.monotonic() when the provider was made to fail
 
     def setup(self, with_operator_channel: bool = True) -> None:
         """Profiles and config; `with_operator_channel` points settings.alert_channel at the WeCom bot
@@ -120,6 +123,7 @@ class ProviderFailure:
 
     def fail(self, undelivered_rate: float = 0.8) -> None:
         self.faults(undelivered_rate=undelivered_rate)
+        self.failed_at = time.monotonic()
 
     def heal(self) -> None:
         self.faults(undelivered_rate=0.0)
@@ -129,11 +133,22 @@ class ProviderFailure:
         items = httpx.get(url, params={"limit": 1_000_000}, timeout=30).json()["items"]
         return sum(1 for i in items if i["body"].get("campaign_id") == self.prefix)
 
-    def wait_for_baseline(self, timeout_s: float = 180) -> None:
-        """Until the monitor has a baseline: enough sends older than its current window."""
+    def baseline_sends(self) -> int:
+        """Sends the monitor needs before a drop can be judged: a baseline older than its current window."""
         cfg = self.settings.monitor
-        needed = cfg.min_baseline_samples + math.ceil(self.rate_per_s * (cfg.window_s + 2 * cfg.bucket_s))
-        wait_for(lambda: self.delivered_to_provider() >= needed, timeout_s=timeout_s, what=f"{needed} sends")
+        return cfg.min_baseline_samples + math.ceil(self.rate_per_s * (cfg.window_s + 2 * cfg.bucket_s))
+
+    def wait_for_baseline(self, timeout_s: float = 180, on_poll: Callable[[int, int], None] | None = None) -> None:
+        """Until the monitor has a baseline; `on_poll(sends, needed)` after each look (progress)."""
+        needed = self.baseline_sends()
+
+        def enough() -> bool:
+            sends = self.delivered_to_provider()
+            if on_poll is not None:
+                on_poll(sends, needed)
+            return sends >= needed
+
+        wait_for(enough, timeout_s=timeout_s, interval_s=0.5, what=f"{needed} sends")
 
     # --- what the monitor said ----------------------------------------------------------------
 
@@ -143,26 +158,49 @@ class ProviderFailure:
         found = [decode(r.value) for r in records]
         return [a for a in found if a.subject == self.subject and (kind is None or a.kind == kind)]
 
-    def wait_for_alert(self, kind: str = DROP, timeout_s: float = 60, known: int = 0) -> Alert:
+    def wait_for_alert(
+        self, kind: str = DROP, timeout_s: float = 60, known: int = 0, on_poll: Callable[[], None] | None = None
+    ) -> Alert:
         """The first alert of `kind` for this channel after the `known` ones already seen."""
-        found = wait_for(lambda: self.alerts(kind)[known:], timeout_s=timeout_s, interval_s=0.5, what=f"a {kind} alert")
-        return found[0]
+
+        def found() -> list[Alert]:
+            if on_poll is not None:
+                on_poll()
+            return self.alerts(kind)[known:]
+
+        return wait_for(found, timeout_s=timeout_s, interval_s=0.5, what=f"a {kind} alert")[0]
+
+    def operator_texts(self) -> list[str]:
+        """What the operators' WeCom bot sandbox received about this channel (operator_channel)."""
+        url = f"{self.settings.sandbox_base}/_sandbox/wecom-bot/requests"
+        items = httpx.get(url, params={"limit": 10000}, timeout=30).json()["items"]
+        texts = [i["body"].get("markdown", i["body"].get("text", {})).get("content", "") for i in items]
+        return [t for t in texts if self.subject in t]
 
 
 def show_delivery_alert(
-    settings: Settings, prefix: str = "alert-demo", timeout_s: float = 120, with_operator_channel: bool = True
+    settings: Settings,
+    prefix: str = "alert-demo",
+    timeout_s: float = 120,
+    with_operator_channel: bool = True,
+    *,
+    scenario: ProviderFailure | None = None,
+    on_baseline: Callable[[int, int], None] | None = None,
+    on_failing: Callable[[], None] | None = None,
 ) -> Alert:
     """Fail a provider under steady traffic and return the monitor's drop alert (it is also in
     ClickHouse `alerts` and at the operators' channel); the provider is healthy again afterwards.
-    Needs a running worker with the monitor stage (any `stack up --workers`)."""
-    scenario = ProviderFailure(settings, prefix)
+    Needs a running worker with the monitor stage (any `stack up --workers`). `scenario` (else one
+    for `prefix`) tells when it failed; `on_baseline(sends, needed)` and `on_failing()` are called
+    while waiting, for progress."""
+    scenario = scenario or ProviderFailure(settings, prefix)
     scenario.setup(with_operator_channel)
     known = len(scenario.alerts(DROP))
     scenario.start_traffic()
     try:
-        scenario.wait_for_baseline(timeout_s=timeout_s)
+        scenario.wait_for_baseline(timeout_s=timeout_s, on_poll=on_baseline)
         scenario.fail()
-        return scenario.wait_for_alert(DROP, timeout_s=timeout_s, known=known)
+        return scenario.wait_for_alert(DROP, timeout_s=timeout_s, known=known, on_poll=on_failing)
     finally:
         scenario.heal()
         scenario.stop_traffic()

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from connectors import warehouse
@@ -20,12 +19,6 @@ from infra.waiting import wait_for
 from streams.monitor import DROP, RECOVERED
 
 pytestmark = pytest.mark.e2e
-
-
-def operator_texts(settings, subject: str) -> list[str]:
-    items = httpx.get(f"{settings.sandbox_base}/_sandbox/wecom-bot/requests", params={"limit": 10000}).json()["items"]
-    texts = [i["body"].get("markdown", i["body"].get("text", {})).get("content", "") for i in items]
-    return [t for t in texts if subject in t]
 
 
 def stored(wh, alert_id: str) -> list[dict]:
@@ -58,8 +51,8 @@ def test_a_failing_provider_raises_one_alert_then_a_recovery(worker) -> None:
         )
         assert report.returncode == 0, report.stderr
         assert drop.alert_id in {row["alert_id"] for row in json.loads(report.stdout)}
-        wait_for(lambda: operator_texts(settings, scenario.subject), timeout_s=60, what="the alert at the WeCom bot")
-        assert drop.message in operator_texts(settings, scenario.subject)[0]
+        wait_for(lambda: scenario.operator_texts(), timeout_s=60, what="the alert at the WeCom bot")
+        assert drop.message in scenario.operator_texts()[0]
         # Down for longer than the window and past several evaluations: still the one alert.
         sent_before = scenario.delivered_to_provider()
         wait_for(
@@ -71,7 +64,7 @@ def test_a_failing_provider_raises_one_alert_then_a_recovery(worker) -> None:
         scenario.heal()
         recovered = scenario.wait_for_alert(RECOVERED, timeout_s=90)
         assert recovered.alert_id == drop.alert_id.replace(DROP, RECOVERED, 1)
-        wait_for(lambda: len(operator_texts(settings, scenario.subject)) == 2, timeout_s=60, what="the recovery")
+        wait_for(lambda: len(scenario.operator_texts()) == 2, timeout_s=60, what="the recovery")
         assert len(scenario.alerts(DROP)) == 1
     finally:
         scenario.heal()
