@@ -374,12 +374,16 @@ def report_alerts(
 def demo(
     users: Annotated[int, typer.Option(help="Shoppers in the generated shop.")] = 300,
     seed: Annotated[int, typer.Option()] = 7,
-    keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = True,
+    keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+    knowledge_job: Annotated[
+        bool, typer.Option(help="Run the Spark knowledge job (~35 s: keywords, phrases) before the top rows.")
+    ] = True,
 ) -> None:
-    """The e-commerce scenario end to end: shop, campaign, triggers, worker, shoppers, funnel."""
+    """The e-commerce promotion end to end: generated copy per phase, shoppers, the peak's live stock, the
+    funnel, the knowledge base, a provider failing and its alert; stops the stack unless --keep-running."""
     from console.demo import run_demo
 
-    run_demo(Settings(), console, users=users, seed=seed, keep_running=keep_running)
+    run_demo(Settings(), console, users=users, seed=seed, keep_running=keep_running, knowledge_job=knowledge_job)
 
 
 bench_app = typer.Typer(help="Benchmarks (not tests): numbers for this machine, printed as tables.")
