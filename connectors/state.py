@@ -209,8 +209,15 @@ class State:
         return raw.decode() if raw else None
 
     async def receipt_target(self, provider: str, provider_message_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(receipt_key(provider, provider_message_id))
-        return json.loads(raw) if raw else None
+        [target] = await self.receipt_targets(provider, [provider_message_id])
+        return target
+
+    async def receipt_targets(self, provider: str, provider_message_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """The sends that receipts belong to, one round trip for a whole callback's receipts."""
+        if not provider_message_ids:
+            return []
+        raw = await self.redis.mget([receipt_key(provider, i) for i in provider_message_ids])
+        return [json.loads(r) if r else None for r in raw]
 
     # A/B tests ------------------------------------------------------------------------------
     async def ab_states(self, campaign_ids: Sequence[str]) -> dict[str, dict[str, Any]]:

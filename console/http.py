@@ -155,9 +155,9 @@ class Endpoints:
         except ReceiptRejected as exc:
             log.warning("receipt from %s refused (%s): %s", scheme, exc.status, exc)
             return web.json_response({"ok": False, "reason": str(exc)}, status=exc.status)
-        unknown = 0
-        for receipt in receipts:
-            target = await self.state.receipt_target(scheme, receipt.provider_message_id)
+        unknown, published = 0, []
+        targets = await self.state.receipt_targets(scheme, [r.provider_message_id for r in receipts])
+        for receipt, target in zip(receipts, targets, strict=True):
             if target is None:
                 unknown += 1
                 continue
@@ -172,10 +172,14 @@ class Endpoints:
                 provider=scheme,
                 provider_message_id=receipt.provider_message_id,
                 triggered_at=datetime.fromisoformat(target["triggered_at"]),
+                fallback_of=target.get("fallback_of"),
             )
-            await self.publish(topics.OUTCOMES.name, outcome.user_id, outcome)
+            sent = await self.producer.send(topics.OUTCOMES.name, encode(outcome), key=outcome.user_id.encode())
+            published.append(sent)
             if target.get("fallback"):
                 await self.settle_fallback(outcome.message_id, receipt.delivered)
+        # Answered only once every outcome is in Kafka: a provider retries a receipt we did not take.
+        await asyncio.gather(*published)
         if unknown:
             # A receipt can overtake our record of the send; a 404 makes the provider retry,
             # as SMS gateways and push services do for any non-2xx answer.

@@ -64,6 +64,7 @@ def touch_of(outcome: Outcome, fallback: bool = False) -> Touch:
         triggered_at=outcome.triggered_at,
         sent_at=outcome.occurred_at,
         fallback=fallback,
+        fallback_of=outcome.fallback_of,
     )
 
 

@@ -107,6 +107,8 @@ class Touch(BaseModel):
     # A channel fallback waits on this message's fate: its receipt must settle it (one lookup saved
     # per receipt of every other message).
     fallback: bool = False
+    # The message this one stands in for (a channel fallback's lineage), so its receipts keep it too.
+    fallback_of: str | None = None
 
 
 def attribute_conversion(event: Event, campaigns: list[Campaign], touches: dict[str, Touch]) -> list[Outcome]:

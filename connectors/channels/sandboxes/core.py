@@ -142,24 +142,39 @@ class Sandbox:
             self.latencies_ms.append(now * 1000 - triggered_at_ms)
         return item
 
-    def schedule_receipt(self, item: Received, send: Callable[[Received, str], Awaitable[None]]) -> None:
+    def _fate(self, item: Received) -> str:
         # With a seed, a message's fate depends on the seed and its id alone, so a rerun (or a
         # redelivery) meets the same fate; without one, each send rolls afresh.
         key = item.body.get("message_id")
         roll = (
             random.Random(f"{self.faults.seed}:{key}").random() if self.faults.seed is not None else self.rng.random()
         )
-        status = "undelivered" if roll < self.faults.undelivered_rate else "delivered"
-        if not self.faults.receipts:
-            return
-        item.receipt_status = status
+        return "undelivered" if roll < self.faults.undelivered_rate else "delivered"
 
+    def schedule_receipt(self, item: Received, send: Callable[[Received, str], Awaitable[None]]) -> None:
+        status = self._fate(item)
+        if self.faults.receipts:
+            item.receipt_status = status
+            self._later([item], lambda: send(item, status))
+
+    def schedule_receipts(
+        self, items: list[Received], send_many: Callable[[list[tuple[Received, str]]], Awaitable[None]]
+    ) -> None:
+        """Receipts for many messages as one callback, as providers that batch their reports do."""
+        fates = [(item, self._fate(item)) for item in items]
+        if self.faults.receipts and fates:
+            for item, status in fates:
+                item.receipt_status = status
+            self._later(items, lambda: send_many(fates))
+
+    def _later(self, items: list[Received], send: Callable[[], Awaitable[None]]) -> None:
         async def later() -> None:
             await asyncio.sleep(self.faults.receipt_delay_ms / 1000)
             for attempt in range(5):
                 try:
-                    await send(item, status)
-                    item.receipt_acknowledged = True
+                    await send()
+                    for item in items:
+                        item.receipt_acknowledged = True
                     return
                 except Exception:  # noqa: BLE001 - a provider retries receipts; so do we
                     await asyncio.sleep(0.2 * 2**attempt)
