@@ -97,14 +97,14 @@ async def group_lag(bootstrap: str, group_id: str, topic_names: Sequence[str]) -
 
 
 async def send_keyed(
-    producer: AIOKafkaProducer, topic: str, items: Sequence[tuple[bytes, bytes]]
+    producer: AIOKafkaProducer, topic: str, items: Sequence[tuple[bytes | None, bytes]]
 ) -> list[asyncio.Future]:
     """Many keyed records as whole batches per partition, placed by the same partitioner as any
     keyed send (so a user's records keep their order with other producers'): per-record send()
-    costs more CPU than building the records (broadcast fan-out)."""
+    costs more CPU than building the records (broadcast fan-out, every stage's output)."""
     partitions = sorted(await producer.partitions_for(topic))
     place = DefaultPartitioner()
-    by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
+    by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
     for key, value in items:
         by_partition.setdefault(place(key, partitions, partitions), []).append((key, value))
     acks = []
@@ -115,9 +115,12 @@ async def send_keyed(
                 batch.close()
                 acks.append(await producer.send_batch(batch, topic, partition=partition))
                 batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    # Larger than a whole batch: send says why (MessageSizeTooLargeError).
+                    acks.append(await producer.send(topic, value, key=key, partition=partition))
         batch.close()
-        acks.append(await producer.send_batch(batch, topic, partition=partition))
+        if batch.record_count():
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
     return acks
 
 

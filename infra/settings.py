@@ -59,10 +59,18 @@ class Settings(BaseSettings):
     app_id: str = "loopcast"
     # The stages this worker runs (comma-separated families or names); empty: all of them.
     stages: str = ""
+    # Worker processes (`loopcast worker`, the local stack's worker): 0 means one per core.
+    worker_processes: int = 0
+
+    @property
+    def processes(self) -> int:
+        from infra.workers import default_processes
+
+        return self.worker_processes or default_processes()
     partitions: int = 4
     batch_size: int = 500
-    # How long a stage waits to fill a batch: the latency floor per stage at low traffic.
-    batch_window_s: float = 0.02
+    # How long a warehouse write waits to gather more rows: ClickHouse wants few, big inserts.
+    warehouse_linger_s: float = 1.0
 
     daily_cap: int = 5
     # Provider sends in flight per worker, granted to urgent messages first (streams.priority).

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from connectors.audience_store import AudienceStore
 from connectors.channels.base import ChannelAdapter, adapter_class
 from connectors.kafka import partitions as kafka_partitions
+from connectors.kafka import send_keyed
 from connectors.policy_store import PolicyStore
 from connectors.profiles import Profiles
 from connectors.state import Coalesced, State
@@ -56,12 +57,14 @@ class Output:
         )
         self.send(topics.DLQ.name, stage, letter)
 
-    async def flush(self, producer) -> None:
-        # producer.send returns a delivery future: await them all so offsets move on only after
-        # the outputs are in Kafka (at-least-once).
-        futures = [await producer.send(topic, key, value, None, None, None) for topic, key, value in self.items]
-        if futures:
-            await asyncio.gather(*futures)
+    async def flush(self, producer: AIOKafkaProducer) -> None:
+        """Into Kafka as whole record batches per partition, awaited, so offsets move on only after
+        the outputs are in Kafka (at-least-once)."""
+        by_topic: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        for topic, key, value in self.items:
+            by_topic.setdefault(topic, []).append((key, value))
+        acks = [ack for topic, records in by_topic.items() for ack in await send_keyed(producer, topic, records)]
+        await asyncio.gather(*acks)
         self.items.clear()
 
 
@@ -91,6 +94,9 @@ class ConfigFollower:
         self.store = store
         self.ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._positions: dict = {}
+        # Set (and replaced) after every fetch of the config topic: what a barrier waits on.
+        self._moved = asyncio.Event()
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
@@ -104,7 +110,7 @@ class ConfigFollower:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        positions = {tp: 0 for tp in self._end}
+        positions = self._positions = {tp: 0 for tp in self._end}
         if all(end == 0 for end in self._end.values()):
             self.ready.set()
         while True:
@@ -116,6 +122,15 @@ class ConfigFollower:
             if not self.ready.is_set() and all(positions[tp] >= end for tp, end in self._end.items()):
                 log.info("config caught up: %d documents", len(self.store.documents))
                 self.ready.set()
+            self._moved.set()
+            self._moved = asyncio.Event()
+
+    async def barrier(self) -> None:
+        """Wait until every document published before now is applied: a trigger that follows its
+        campaign's publication onto Kafka is judged with that campaign, however close they came."""
+        ends = await self._consumer.end_offsets(list(self._end))
+        while any(self._positions.get(tp, 0) < end for tp, end in ends.items()):
+            await self._moved.wait()
 
     async def stop(self) -> None:
         if self._task:
@@ -158,7 +173,12 @@ class Runtime(mode.Service):
         self.record_send = Coalesced(self.user_state.record_sends)
         self.policy = PolicyStore(self.settings.redis)
         # For what is produced outside the stage batches: tracking, receipts, ingest, released holds.
-        self.producer = AIOKafkaProducer(bootstrap_servers=self.settings.bootstrap, linger_ms=2)
+        # Also what every stage's output goes through, as whole record batches (Output.flush).
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap, linger_ms=2, max_batch_size=512 * 1024
+        )
+        # aiokafka logs each send at debug level: with the root logger open, every one built a record.
+        logging.getLogger("aiokafka").setLevel(max(logging.INFO, logging.getLogger().getEffectiveLevel()))
         await self.producer.start()
         await self.follower.start()
         if self.owns_warehouse:

@@ -22,6 +22,13 @@ class StageSpec:
     accepts_json: bool = False
     # A second reader of a topic leaves undecodable records to the first, which dead-letters them once.
     dead_letters: bool = True
+    # The stage where outside triggers enter: each batch waits for the config published before it.
+    config_barrier: bool = False
+
+    def group(self, app_id: str) -> str:
+        """The consumer group: the deployment's, except for a second reader of a topic, which needs
+        one of its own — in one group the two would split the topic's partitions between them."""
+        return app_id if self.dead_letters else f"{app_id}.{self.name}"
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -31,6 +38,7 @@ STAGES: tuple[StageSpec, ...] = (
         models.Event,
         (topics.MATCHED.name, topics.OUTCOMES.name, topics.TAG_CHANGES.name),
         True,
+        config_barrier=True,
     ),
     StageSpec("render", (topics.MATCHED,), models.MatchedMessage, (topics.RENDERED.name, topics.OUTCOMES.name)),
     StageSpec(
