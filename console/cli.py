@@ -101,8 +101,12 @@ def worker(
         str, typer.Option(help="Comma-separated stage families or names; default LOOPCAST_STAGES, else all.")
     ] = "",
     loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug")] = "warn",
+    processes: Annotated[
+        int, typer.Option(help="Worker processes sharing the stages' partitions; default LOOPCAST_WORKER_PROCESSES.")
+    ] = 0,
 ) -> None:
-    """Run the stages as a Faust worker in the foreground."""
+    """Run the stages in the foreground: one process, or a supervisor of several."""
+    from infra.workers import supervise
     from streams.app import run_worker
     from streams.topology import select
 
@@ -111,7 +115,10 @@ def worker(
         chosen = select([s.strip() for s in (stages or settings.stages).split(",") if s.strip()] or None)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours is already parsed
+    count = processes or settings.processes
+    if count > 1:
+        raise typer.Exit(supervise(chosen, count, loglevel))
+    sys.argv = [sys.argv[0]]  # mode's worker parses argv; ours is already parsed
     run_worker(settings, chosen, loglevel)
 
 
@@ -397,13 +404,15 @@ def bench(
     ctx: typer.Context,
     events: Annotated[int, typer.Option(help="Trigger events pushed through the pipeline.")] = 20_000,
     raw_messages: Annotated[int, typer.Option(help="Messages for the raw Kafka baseline.")] = 200_000,
+    backlog: Annotated[int, typer.Option(help="Low-priority backlog the urgent messages cut through.")] = 100_000,
 ) -> None:
-    """Raw Kafka throughput, then the whole pipeline's throughput and latency, in one run."""
+    """Raw Kafka throughput, then the whole pipeline: burst (1 and all-core worker processes), paced
+    1k/s and 5k/s, CPU per message per stage, urgent latency under a backlog — in one run."""
     if ctx.invoked_subcommand is not None:
         return
     from console.bench import run_bench
 
-    run_bench(Settings(), console, events=events, raw_messages=raw_messages)
+    run_bench(Settings(), console, events=events, raw_messages=raw_messages, backlog=backlog)
 
 
 @bench_app.command("render")

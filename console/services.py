@@ -56,6 +56,8 @@ def stack(
             **(worker_env or {}),
             "LOOPCAST_APP_ID": lane.app_id,
             "LOOPCAST_STAGES": ",".join(URGENT_LANE),
+            # A few stages at a trickle: one process is plenty, the cores go to the bulk lane.
+            "LOOPCAST_WORKER_PROCESSES": "1",
         },
         timeout_s=90,
     )

@@ -36,6 +36,8 @@ def stack_env(tmp_path_factory) -> Settings:
         "LOOPCAST_APP_ID": "loopcast-test",
         "LOOPCAST_PARTITIONS": "2",
         "LOOPCAST_REDIS_AOF": "false",
+        # One worker process: the tests that need two start them themselves.
+        "LOOPCAST_WORKER_PROCESSES": "1",
         # The A/B loop decides often, so tests see decisions quickly.
         "LOOPCAST_AB_INTERVAL_S": "0.5",
         # Tests run at any hour; the quiet-hours tests set their own window per campaign.

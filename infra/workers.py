@@ -1,0 +1,86 @@
+"""`loopcast worker --processes N`: one deployment as N worker processes. Each is a member of every
+stage's consumer group, so Kafka spreads the partitions over them (and over other machines running
+the same command); the stages that own the warehouse and the HTTP endpoints run in the first only.
+The supervisor restarts a process that dies and stops them all together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from streams.topology import StageSpec
+
+log = logging.getLogger("loopcast.workers")
+
+# A process that keeps dying is not restarted forever: the supervisor gives up and says so.
+MAX_RESTARTS = 5
+
+
+def default_processes() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:
+    """The stage names each process runs: the warehouse owner (the feedback family: chDB allows one
+    process per data directory) in the first process only, every other stage in all of them."""
+    names = [s.name for s in stages]
+    shared = [n for n in names if n.split(".")[0] != "feedback"]
+    return [names] + [shared] * (processes - 1) if shared else [names]
+
+
+def _die_with_parent() -> None:
+    # A supervisor killed outright must not leave its workers behind (Linux: PR_SET_PDEATHSIG).
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def supervise(stages: Sequence[StageSpec], processes: int, loglevel: str) -> int:
+    plan = layout(stages, processes)
+
+    def start(names: list[str]) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "console", "worker", "--processes", "1", "--loglevel", loglevel]
+        return subprocess.Popen([*argv, "--stages", ",".join(names)], preexec_fn=_die_with_parent)
+
+    children = [start(names) for names in plan]
+    stopping = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    restarts = 0
+    while not stopping:
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is None or stopping:
+                continue
+            if restarts >= MAX_RESTARTS:
+                log.error("worker process %d keeps exiting (code %s); stopping the deployment", i, code)
+                stopping = True
+                break
+            restarts += 1
+            log.warning("worker process %d exited with code %s; starting it again", i, code)
+            children[i] = start(plan[i])
+        time.sleep(0.2)  # a supervisor's poll, not synchronisation
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + 30
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0 if restarts < MAX_RESTARTS else 1
