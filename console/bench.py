@@ -9,9 +9,13 @@ capacity (what one event sees when the system keeps up).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -81,7 +85,13 @@ async def raw_kafka(settings: Settings, n: int) -> tuple[float, float]:
 
 def bench_documents(settings: Settings, run: str) -> list:
     return [
-        Channel(id="bench-hook", provider="webhook", url=f"{settings.sandbox_base}/webhook/bench"),
+        Channel(
+            id="bench-hook",
+            provider="webhook",
+            url=f"{settings.sandbox_base}/webhook/bench",
+            # Many messages per request, as receivers that take batches are fed at volume.
+            options={"batch_max": "500"},
+        ),
         Template(id="bench-t", title="Deal", body="{{ product }} is back in stock"),
         Campaign(
             id=f"bench-{run}",
@@ -191,55 +201,168 @@ def pipeline_paced(settings: Settings, run: str, rate: float, seconds: float, pr
     return {"rate": rate, "events": total, "latency": sandbox_stats(settings)["latency_ms"]}
 
 
-def run_bench(settings: Settings, console: Console, *, events: int, raw_messages: int) -> dict:
+def pipeline_lag(settings: Settings) -> int:
+    """Records some stage has not committed yet, over every stage's consumer group."""
+
+    async def lag() -> int:
+        from streams.topology import STAGES
+
+        groups = [(s.group(settings.app_id), [t.name for t in s.inputs]) for s in STAGES]
+        return sum([await group_lag(settings.bootstrap, group, names) for group, names in groups])
+
+    return asyncio.run(lag())
+
+
+def drain(settings: Settings, progress: Progress, what: str) -> None:
+    task = progress.add_task(what, total=None)
+    wait_for(lambda: pipeline_lag(settings) == 0, timeout_s=600, interval_s=1, what="the workers to catch up")
+    progress.update(task, total=1, completed=1)
+
+
+CLOCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (a supervisor and its worker processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def service_cpu(local, names=("worker", "sandbox", "kafka", "redis")) -> dict[str, float]:
+    """CPU seconds used so far by each service's processes (with their children)."""
+    pids = {s.name: s.pid for s in local.status() if s.pid}
+    return {n: sum(_cpu_s(p) for p in _tree(pids[n])) if n in pids else 0.0 for n in names}
+
+
+def deploy(settings: Settings, local, processes: int, env: dict[str, str] | None = None) -> None:
+    """A fresh worker deployment of `processes` processes, without the backlog an earlier one left."""
+    from console.services import stack as make_stack
+
+    local.stop(["worker", "worker-urgent"])
+    make_stack(settings, worker_env={"LOOPCAST_WORKER_PROCESSES": str(processes), **(env or {})}).up(["worker"])
+
+
+def burst_with_cost(settings: Settings, local, events: int, progress: Progress, label: str) -> dict:
+    before = service_cpu(local)
+    burst = pipeline_burst(settings, events, progress)
+    drain(settings, progress, f"{label}: receipts and outcomes")
+    used = {n: v - before[n] for n, v in service_cpu(local).items()}
+    return {**burst, "cpu_us": {n: 1e6 * v / events for n, v in used.items()}}
+
+
+def stage_costs(settings: Settings, local, events: int, progress: Progress) -> dict[str, float]:
+    """CPU per message of each stage family, each in a process of its own (the split deployment)."""
+    from streams.topology import FAMILIES
+
+    local.stop(["worker", "worker-urgent"])
+    procs = {}
+    try:
+        for family in FAMILIES:
+            argv = [sys.executable, "-m", "console", "worker", "--processes", "1", "--stages", family]
+            procs[family] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(
+            lambda: httpx.get(f"{settings.http_base}/healthz?ready=1", timeout=1).status_code == 200,
+            timeout_s=90,
+            what="the split deployment",
+        )
+        before = {f: _cpu_s(p.pid) for f, p in procs.items()}
+        pipeline_burst(settings, events, progress)
+        drain(settings, progress, "split deployment: receipts and outcomes")
+        return {f: 1e6 * (_cpu_s(p.pid) - before[f]) / events for f, p in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(timeout=30)
+
+
+def run_bench(settings: Settings, console: Console, *, events: int, raw_messages: int, backlog: int) -> dict:
     local = stack(settings)
-    with console.status("starting the local stack and a worker…"):
-        local.up([*INFRA, "sandbox", "worker"])
+    cores = settings.processes
+    with console.status("starting the local stack…"):
+        local.up([*INFRA, "sandbox"])
     with Progress(console=console) as progress:
         task = progress.add_task("raw aiokafka baseline", total=None)
         produce_rate, consume_rate = asyncio.run(raw_kafka(settings, raw_messages))
         progress.update(task, total=1, completed=1)
-        burst = pipeline_burst(settings, events, progress)
-        # Receipts and outcomes of the burst are still flowing: measure the paced run on an idle loop.
-        stage_topics = [t.name for t in topics.ALL if t is not topics.CONFIG and t is not topics.ALERTS]
-        drain = progress.add_task("draining the burst's receipts and outcomes", total=None)
-        wait_for(
-            lambda: asyncio.run(group_lag(settings.bootstrap, settings.app_id, stage_topics)) == 0,
-            timeout_s=300,
-            interval_s=1,
-            what="the worker to catch up",
-        )
-        progress.update(drain, total=1, completed=1)
-        paced = pipeline_paced(
-            settings, burst["run"], rate=max(50.0, burst["rate"] * 0.3), seconds=10, progress=progress
-        )
+        scaling = {}
+        for processes in sorted({1, cores}):
+            deploy(settings, local, processes)
+            scaling[processes] = burst_with_cost(settings, local, events, progress, f"{processes} process(es)")
+        burst = scaling[cores]
+        paced = []
+        for rate in (1000.0, 5000.0):
+            paced.append(pipeline_paced(settings, burst["run"], rate=rate, seconds=10, progress=progress))
+            drain(settings, progress, f"paced at {rate:,.0f}/s: receipts and outcomes")
+        stages = stage_costs(settings, local, min(events, 10_000), progress)
+        urgent = priority_run(settings, local, "urgent lane", backlog, progress)
+    local.stop(["worker", "worker-urgent"])
+    stack(settings).up(["worker"])  # back to the configured deployment
     raw_rate = min(produce_rate, consume_rate)
     table = Table(title="Loopcast benchmark (one run, this machine)")
-    for column in ("measure", "messages", "msg/s", "p50 ms", "p99 ms"):
+    for column in ("measure", "messages", "msg/s", "p50 ms", "p99 ms", "CPU µs/msg (worker · sandbox · kafka · redis)"):
         table.add_column(column, justify="right" if column != "measure" else "left")
-    table.add_row("raw aiokafka produce (send_batch)", f"{raw_messages:,}", f"{produce_rate:,.0f}", "", "")
-    table.add_row("raw aiokafka consume (getmany)", f"{raw_messages:,}", f"{consume_rate:,.0f}", "", "")
+    table.add_row("raw aiokafka produce (send_batch)", f"{raw_messages:,}", f"{produce_rate:,.0f}", "", "", "")
+    table.add_row("raw aiokafka consume (getmany)", f"{raw_messages:,}", f"{consume_rate:,.0f}", "", "", "")
+    for processes, run in scaling.items():
+        cpu = run["cpu_us"]
+        table.add_row(
+            f"burst event → sandbox, {processes} worker process{'es' if processes > 1 else ''}",
+            f"{events:,}",
+            f"{run['rate']:,.0f}",
+            f"{run['latency']['p50']:,.0f}",
+            f"{run['latency']['p99']:,.0f}",
+            f"{cpu['worker']:,.0f} · {cpu['sandbox']:,.0f} · {cpu['kafka']:,.0f} · {cpu['redis']:,.0f}",
+        )
+    for run in paced:
+        table.add_row(
+            f"paced at {run['rate']:,.0f}/s, {cores} processes",
+            f"{run['events']:,}",
+            "",
+            f"{run['latency']['p50']:,.0f}",
+            f"{run['latency']['p99']:,.0f}",
+            "",
+        )
     table.add_row(
-        "pipeline burst: event → sandbox",
-        f"{events:,}",
-        f"{burst['rate']:,.0f}",
-        f"{burst['latency']['p50']:,.0f}",
-        f"{burst['latency']['p99']:,.0f}",
-    )
-    table.add_row(
-        f"pipeline paced at {paced['rate']:,.0f}/s",
-        f"{paced['events']:,}",
-        "",
-        f"{paced['latency']['p50']:,.0f}",
-        f"{paced['latency']['p99']:,.0f}",
-    )
+        f"urgent under a {backlog:,} low-priority backlog (urgent lane)", "100", "",
+        f"{urgent['p50']:,.0f}", f"{urgent['p99']:,.0f}", "",
+    )  # fmt: skip
     console.print(table)
+    costs = Table(title="CPU per message per stage (each stage family in a process of its own)")
+    costs.add_column("stage")
+    costs.add_column("CPU µs/msg", justify="right")
+    costs.add_column("", justify="left")
+    top = max(stages.values()) or 1
+    for family, us in stages.items():
+        costs.add_row(family, f"{us:,.0f}", "█" * max(1, round(30 * us / top)))
+    console.print(costs)
     ratio = burst["rate"] / raw_rate
     console.print(
-        f"pipeline / raw Kafka throughput: [bold]{ratio:.2%}[/] "
-        "(five stages, four Kafka hops, Redis, HTTP to the sandbox and ClickHouse per message)"
+        f"pipeline / raw Kafka throughput: [bold]{ratio:.2%}[/] (five stages, four Kafka hops, Redis, HTTP to the "
+        "sandbox and back, ClickHouse; Kafka, Redis, the sandbox and the workers share this machine's cores)"
     )
-    return {"raw_produce": produce_rate, "raw_consume": consume_rate, "burst": burst, "paced": paced, "ratio": ratio}
+    return {
+        "raw_produce": produce_rate, "raw_consume": consume_rate, "scaling": scaling, "burst": burst,
+        "paced": paced, "stages": stages, "urgent": urgent, "ratio": ratio,
+    }  # fmt: skip
 
 
 BENCH_TEMPLATE = {
