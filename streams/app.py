@@ -60,6 +60,8 @@ HANDLERS: dict[str, Handler] = {
 # Failures of the infrastructure rather than of a message: retry the batch before blaming items.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, asyncio.TimeoutError, OSError)
 TRANSIENT_ATTEMPTS = 5
+# How long a stopping worker lets its stages finish the batches in hand.
+STOP_GRACE_S = 10.0
 
 
 class StageLoop:
@@ -74,6 +76,8 @@ class StageLoop:
         # ClickHouse wants few big inserts (each is a part to merge); nobody waits on a report row.
         self.linger_s = settings.warehouse_linger_s if spec.name.startswith("feedback") else 0.0
         self.consumer: AIOKafkaConsumer | None = None
+        # Set when the worker stops: the batch in hand (a lingering one too) is finished, not dropped.
+        self.closing = False
         # Held while a batch is handled and committed, so a rebalance takes partitions between batches.
         self.busy = asyncio.Lock()
         self._assigned = assigned
@@ -96,8 +100,8 @@ class StageLoop:
 
     async def run(self) -> None:
         consumer = self.consumer
-        while True:
-            fetched = await consumer.getmany(timeout_ms=1000, max_records=self.batch_size)
+        while not self.closing:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
             if self.linger_s and fetched:
                 await self._linger(fetched)
             if not fetched:
@@ -113,7 +117,9 @@ class StageLoop:
     async def _linger(self, fetched: dict) -> None:
         deadline = asyncio.get_running_loop().time() + self.linger_s
         count = sum(len(b) for b in fetched.values())
-        while count < self.batch_size and (left := deadline - asyncio.get_running_loop().time()) > 0:
+        while (
+            not self.closing and count < self.batch_size and (left := deadline - asyncio.get_running_loop().time()) > 0
+        ):
             more = await self.consumer.getmany(timeout_ms=int(left * 1000) + 1, max_records=self.batch_size - count)
             for tp, batch in more.items():
                 fetched.setdefault(tp, []).extend(batch)
@@ -209,7 +215,11 @@ class StageWorker(mode.Service):
             await self.crash(exc)
 
     async def on_stop(self) -> None:
-        for task in self._tasks:
+        for loop in self.loops:
+            loop.closing = True
+        # Each loop finishes the batch in hand (its outputs in Kafka, its offsets committed) and returns.
+        _, late = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S) if self._tasks else ((), ())
+        for task in late:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(loop.stop() for loop in self.loops), return_exceptions=True)
