@@ -599,21 +599,35 @@ def run_alert(settings: Settings, console: Console, run: str, progress: Progress
 # --- the knowledge base -----------------------------------------------------------------------------------------
 
 
-def knowledge_base(settings: Settings, console: Console, documents: list, job: bool) -> dict:
-    """With the worker stopped (it owns chDB): the demo's copy into copy_library, the knowledge job if asked,
-    then the top rows."""
+def knowledge_base(settings: Settings, console: Console, documents: list, job: bool, local) -> dict:
+    """The demo's copy in copy_library, the knowledge job if asked, then the top rows. The running
+    worker owns chDB and records the config's copy there by itself; the job needs chDB to itself, so
+    for the job the worker stops first and the demo records the copy directly."""
     from connectors.knowledge import record_copy, top_rows
+    from streams.copy.knowledge import library_rows
 
+    if job:
+        with console.status("stopping the worker (it owns chDB) to run the knowledge job…"):
+            local.stop(["worker"])
+    wanted = {r["template_id"] for r in library_rows(documents, datetime.now(UTC))}
     wh = warehouse.connect(settings)
     try:
-        recorded = record_copy(wh, documents)
-        console.print(f"copy_library: {recorded} rows recorded (the demo's templates, hand-written and generated)")
         if job:
+            recorded = record_copy(wh, documents)
             from console.jobs_cli import JobName, run_job
 
             with console.status("knowledge job (Spark): ranking templates, keywords and phrases…"):
                 report = run_job(JobName.knowledge, settings, warehouse=wh, copy_file=None, out=console)
             console.print(f"knowledge job: {report.steps.total:.0f}s, {report.result}")
+        else:
+
+            def library() -> set[str]:
+                rows = wh.query("SELECT DISTINCT template_id FROM copy_library")
+                return {r["template_id"] for r in rows} & wanted
+
+            recorded = len(wait_for(lambda: (found := library()) >= wanted and found, timeout_s=60,
+                                    what="the worker to record the demo's copy in copy_library"))  # fmt: skip
+        console.print(f"copy_library: {recorded} templates of the demo's (hand-written and generated)")
         top = top_rows(wh, limit=5)
     finally:
         wh.close()
@@ -797,9 +811,7 @@ def run_demo(
     )
 
     console.rule("[bold]Knowledge base: what the copy earned")
-    with console.status("stopping the worker (it owns chDB) to write the knowledge base…"):
-        local.stop(["worker"])
-    knowledge = knowledge_base(settings, console, config, knowledge_job)
+    knowledge = knowledge_base(settings, console, config, knowledge_job, local)
     console.print(f"demo finished in {time.monotonic() - started:.0f}s")
     if keep_running:
         with console.status("starting the worker again…"):

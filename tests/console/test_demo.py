@@ -12,6 +12,7 @@ from rich.console import Console
 from connectors import warehouse
 from console.demo import BRIEFS, CART, PEAK, run_demo
 from console.reports import alerts_report
+from infra.waiting import wait_for
 from streams.monitor import DROP
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +70,9 @@ def test_the_demo_shows_every_phase_the_alert_and_the_knowledge_base(worker) -> 
         alert = shown["alert"]
         assert alert.kind == DROP and shown["alert_at_operators"]
         assert " ".join(alert.message.split()) in " ".join(text.split())  # wrapped as printed
-        assert alert.alert_id in {r["alert_id"] for r in alerts_report(wh, hours=1, limit=1000)}
+        # Warehouse writes gather rows for up to a second: wait for the row, not for a guess.
+        wait_for(lambda: alert.alert_id in {r["alert_id"] for r in alerts_report(wh, hours=1, limit=1000)},
+                 timeout_s=30, what="the alert in ClickHouse")  # fmt: skip
         # The knowledge base holds the generated copy, marked as the model's.
         library = wh.query("SELECT template_id, source FROM copy_library FINAL WHERE template_id LIKE '%.gen-%'")
         generated = {r["template_id"] for r in library if r["source"] == "llm:loopcast-sandbox"}
