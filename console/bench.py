@@ -171,7 +171,9 @@ def pipeline_burst(settings: Settings, n: int, progress: Progress) -> dict:
     }
 
 
-def pipeline_paced(settings: Settings, run: str, rate: float, seconds: float, progress: Progress) -> dict:
+def pipeline_paced(
+    settings: Settings, run: str, rate: float, seconds: float, progress: Progress, first: int = 1_000_000
+) -> dict:
     reset_sandbox(settings)
     total = int(rate * seconds)
     task = progress.add_task(f"pipeline paced at {rate:.0f}/s", total=total)
@@ -185,7 +187,7 @@ def pipeline_paced(settings: Settings, run: str, rate: float, seconds: float, pr
             start = asyncio.get_running_loop().time()
             sent = 0
             while sent < total:
-                for key, event in events(run, 1_000_000 + sent, min(per_tick, total - sent)):
+                for key, event in events(run, first + sent, min(per_tick, total - sent)):
                     await producer.send(topics.EVENTS.name, encode(event), key=key.encode())
                 sent += per_tick
                 progress.update(task, completed=min(sent, total))
@@ -282,6 +284,7 @@ def stage_costs(settings: Settings, local, events: int, progress: Progress) -> d
             lambda: httpx.get(f"{settings.http_base}/healthz?ready=1", timeout=1).status_code == 200,
             timeout_s=90,
             what="the split deployment",
+            ignore=(httpx.HTTPError,),
         )
         before = {f: _cpu_s(p.pid) for f, p in procs.items()}
         pipeline_burst(settings, events, progress)
@@ -306,13 +309,18 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
         scaling = {}
         for processes in sorted({1, cores}):
             deploy(settings, local, processes)
-            scaling[processes] = burst_with_cost(settings, local, events, progress, f"{processes} process(es)")
+            scaling[processes] = run = burst_with_cost(settings, local, events, progress, f"{processes} process(es)")
+            progress.console.log(f"burst, {processes} process(es): {run['rate']:,.0f} msg/s, {run['latency']}, "
+                                 f"CPU µs/msg {({k: round(v) for k, v in run['cpu_us'].items()})}")  # fmt: skip
         burst = scaling[cores]
         paced = []
-        for rate in (1000.0, 5000.0):
-            paced.append(pipeline_paced(settings, burst["run"], rate=rate, seconds=10, progress=progress))
+        for n, rate in enumerate((1000.0, 5000.0), start=1):
+            # Event ids of their own per run: the same ids again would be replays, deduplicated.
+            paced.append(pipeline_paced(settings, burst["run"], rate, 10, progress, first=n * 1_000_000))
+            progress.console.log(f"paced at {rate:,.0f}/s: {paced[-1]['latency']}")
             drain(settings, progress, f"paced at {rate:,.0f}/s: receipts and outcomes")
         stages = stage_costs(settings, local, min(events, 10_000), progress)
+        progress.console.log(f"CPU µs per message per stage: {({k: round(v) for k, v in stages.items()})}")
         urgent = priority_run(settings, local, "urgent lane", backlog, progress)
     local.stop(["worker", "worker-urgent"])
     stack(settings).up(["worker"])  # back to the configured deployment
@@ -510,13 +518,16 @@ def priority_run(settings: Settings, local, layout: str, backlog: int, progress:
     """A low-priority backlog in dispatch.low, then urgent triggers through the whole pipeline."""
     from console.services import stack as make_stack
     from schemas.models import Priority, RenderedMessage
-    from streams.topology import BULK_LANE
+    from streams.topology import BULK_LANE, URGENT_LANE, select
 
     run = uuid.uuid4().hex[:6]
     local.stop(["worker", "worker-urgent"])
     # Each deployment starts from the same place: what an earlier run left queued is skipped.
     lower = [topics.DISPATCH_LOW.name, topics.DISPATCH_NORMAL.name]
     asyncio.run(skip_to_end(settings.bootstrap, settings.app_id, lower))
+    # A lane's own consumer group starts at the beginning of its topics: not with this run's history.
+    urgent_topics = [t.name for spec in select(list(URGENT_LANE)) for t in spec.inputs]
+    asyncio.run(skip_to_end(settings.bootstrap, f"{settings.app_id}-urgent", urgent_topics))
     env = {"LOOPCAST_PRIORITY_ROUTING": str(layout != "one worker, routing off").lower()}
     if layout == "urgent lane":
         env["LOOPCAST_STAGES"] = ",".join(BULK_LANE)

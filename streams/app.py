@@ -17,6 +17,7 @@ Faust is built on, still runs the process: start-up order, signals, graceful sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -64,44 +65,82 @@ TRANSIENT_ATTEMPTS = 5
 STOP_GRACE_S = 10.0
 
 
-class StageLoop:
-    """One stage: its consumer, its batches, its commits."""
+class GroupMember:
+    """This process's member of one consumer group: one consumer for every stage of the process that
+    reads through that group, so a worker joins a few groups once instead of a group per stage (each
+    join is a rebalance of every member). Each stage fetches only its own topics' partitions."""
 
-    def __init__(self, rt: Runtime, spec: StageSpec, settings: Settings, assigned: Callable[[], None]) -> None:
-        self.rt, self.spec, self.settings = rt, spec, settings
-        self.handler = HANDLERS[spec.name]
-        # Bigger batches where a batch's fixed costs (commit, claims, one ClickHouse insert) dominate:
-        # dispatch sat idle a third of the time between batches of 500 (bench dispatch).
-        self.batch_size = settings.batch_size * (4 if spec.name.startswith(("feedback", "dispatch")) else 1)
-        # ClickHouse wants few big inserts (each is a part to merge); nobody waits on a report row.
-        self.linger_s = settings.warehouse_linger_s if spec.name.startswith("feedback") else 0.0
+    def __init__(self, settings: Settings, group: str) -> None:
+        self.settings, self.group = settings, group
+        self.loops: list[StageLoop] = []
         self.consumer: AIOKafkaConsumer | None = None
-        # Set when the worker stops: the batch in hand (a lingering one too) is finished, not dropped.
-        self.closing = False
-        # Held while a batch is handled and committed, so a rebalance takes partitions between batches.
-        self.busy = asyncio.Lock()
-        self._assigned = assigned
+        # Set once the group has given this member its first partitions; `reassigned` at every assignment.
+        self.assigned = asyncio.Event()
+        self.reassigned = asyncio.Event()
 
     async def start(self) -> None:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
-            group_id=self.spec.group(self.settings.app_id),
-            client_id=f"{self.settings.app_id}-{self.spec.name}",
+            group_id=self.group,
+            client_id=self.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=self.batch_size,
+            max_poll_records=max(loop.batch_size for loop in self.loops),
             # Small, so a group forms fast and a dead worker's partitions move on quickly.
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
             max_partition_fetch_bytes=4 << 20,
         )
         await self.consumer.start()
-        self.consumer.subscribe([t.name for t in self.spec.inputs], listener=_Rebalance(self))
+        names = sorted({t.name for loop in self.loops for t in loop.spec.inputs})
+        self.consumer.subscribe(names, listener=_Rebalance(self))
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        # The batches in hand finish and commit first: the next owner starts after them, not before.
+        for loop in self.member.loops:
+            async with loop.busy:
+                pass
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.member.assigned.set()
+        self.member.reassigned.set()
+        self.member.reassigned = asyncio.Event()
+
+
+class StageLoop:
+    """One stage: its batches from its topics' partitions, its commits."""
+
+    def __init__(self, rt: Runtime, spec: StageSpec, settings: Settings, member: GroupMember) -> None:
+        self.rt, self.spec, self.settings, self.member = rt, spec, settings, member
+        self.handler = HANDLERS[spec.name]
+        self.topics = {t.name for t in spec.inputs}
+        # Bigger batches where a batch's fixed costs (commit, claims, one ClickHouse insert) dominate:
+        # dispatch sat idle a third of the time between batches of 500 (bench dispatch).
+        self.batch_size = settings.batch_size * (4 if spec.name.startswith(("feedback", "dispatch")) else 1)
+        # ClickHouse wants few big inserts (each is a part to merge); nobody waits on a report row.
+        self.linger_s = settings.warehouse_linger_s if spec.name.startswith("feedback") else 0.0
+        # Set when the worker stops: the batch in hand (a lingering one too) is finished, not dropped.
+        self.closing = False
+        # Held while a batch is handled and committed, so a rebalance takes partitions between batches.
+        self.busy = asyncio.Lock()
+        member.loops.append(self)
+
+    def partitions(self) -> list[TopicPartition]:
+        return [tp for tp in self.member.consumer.assignment() if tp.topic in self.topics]
 
     async def run(self) -> None:
-        consumer = self.consumer
+        await self.member.assigned.wait()
         while not self.closing:
-            fetched = await consumer.getmany(timeout_ms=200, max_records=self.batch_size)
+            fetched = await self._fetch(200, self.batch_size)
             if self.linger_s and fetched:
                 await self._linger(fetched)
             if not fetched:
@@ -114,49 +153,39 @@ class StageLoop:
                 await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
                 await self._commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
 
+    async def _fetch(self, timeout_ms: int, most: int) -> dict:
+        partitions = self.partitions()
+        if not partitions:  # none of this stage's partitions are ours now (more members than partitions)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.member.reassigned.wait(), timeout_ms / 1000)
+            return {}
+        return await self.member.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=most)
+
     async def _linger(self, fetched: dict) -> None:
         deadline = asyncio.get_running_loop().time() + self.linger_s
         count = sum(len(b) for b in fetched.values())
         while (
             not self.closing and count < self.batch_size and (left := deadline - asyncio.get_running_loop().time()) > 0
         ):
-            more = await self.consumer.getmany(timeout_ms=int(left * 1000) + 1, max_records=self.batch_size - count)
-            for tp, batch in more.items():
+            for tp, batch in (await self._fetch(int(left * 1000) + 1, self.batch_size - count)).items():
                 fetched.setdefault(tp, []).extend(batch)
                 count += len(batch)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
-            await self.consumer.commit(offsets)
+            await self.member.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another worker mid-batch: it starts again from the last commit,
             # and every effect of a batch is idempotent (dedup keys, send claims, ClickHouse keys).
             log.warning("%s: offsets not committed after a rebalance: %s", self.spec.name, exc)
 
     def pause(self) -> None:
-        if self.consumer is not None:
-            self.consumer.pause(*self.consumer.assignment())
+        if self.member.consumer is not None:
+            self.member.consumer.pause(*self.partitions())
 
     def resume(self) -> None:
-        if self.consumer is not None:
-            self.consumer.resume(*self.consumer.assignment())
-
-    async def stop(self) -> None:
-        if self.consumer is not None:
-            await self.consumer.stop()
-
-
-class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, loop: StageLoop) -> None:
-        self.loop = loop
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        # The batch in hand finishes and commits first: the next owner starts after it, not before.
-        async with self.loop.busy:
-            pass
-
-    async def on_partitions_assigned(self, assigned) -> None:
-        self.loop._assigned()
+        if self.member.consumer is not None:
+            self.member.consumer.resume(*self.partitions())
 
 
 class StageWorker(mode.Service):
@@ -174,33 +203,32 @@ class StageWorker(mode.Service):
         )
         self.runtime.render_settings = RenderSettings(settings.http_base, settings.link_secret.get_secret_value())
         self.add_dependency(self.runtime)
-        self.waiting = {s.name for s in stages}
-        self.loops = [StageLoop(self.runtime, spec, settings, self._assigned(spec.name)) for spec in stages]
+        self.members: dict[str, GroupMember] = {}
+        self.loops = []
+        for spec in stages:
+            group = spec.group(settings.app_id)
+            member = self.members.setdefault(group, GroupMember(settings, group))
+            self.loops.append(StageLoop(self.runtime, spec, settings, member))
         lower = [loop for loop in self.loops if loop.spec.inputs[0] in (topics.DISPATCH_NORMAL, topics.DISPATCH_LOW)]
         self.runtime.gate.bind(
             pause=lambda: [loop.pause() for loop in lower],
             resume=lambda: [loop.resume() for loop in lower],
         )
         self._tasks: list[asyncio.Task] = []
-
-    def _assigned(self, name: str) -> Callable[[], None]:
-        def assigned() -> None:
-            self.waiting.discard(name)
-            if not self.waiting:
-                asyncio.ensure_future(self._announce())
-
-        return assigned
+        self._announcing: asyncio.Task | None = None
 
     async def _announce(self) -> None:
-        # A worker without an HTTP port says it is serving by a file: config read, every stage in its group.
+        # A worker without an HTTP port says it is serving by a file: config read, in every group.
+        await asyncio.gather(*(m.assigned.wait() for m in self.members.values()))
         await self.runtime.wait_ready()
         ready_file(self.settings).parent.mkdir(parents=True, exist_ok=True)
         ready_file(self.settings).write_text(str(os.getpid()))
 
     async def on_started(self) -> None:
-        for loop in self.loops:
-            await loop.start()
+        for member in self.members.values():
+            await member.start()
         self._tasks = [asyncio.create_task(self._run(loop)) for loop in self.loops]
+        self._announcing = asyncio.create_task(self._announce())
 
     async def _run(self, loop: StageLoop) -> None:
         try:
@@ -215,6 +243,8 @@ class StageWorker(mode.Service):
             await self.crash(exc)
 
     async def on_stop(self) -> None:
+        if self._announcing is not None:
+            self._announcing.cancel()
         for loop in self.loops:
             loop.closing = True
         # Each loop finishes the batch in hand (its outputs in Kafka, its offsets committed) and returns.
@@ -222,7 +252,7 @@ class StageWorker(mode.Service):
         for task in late:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(loop.stop() for loop in self.loops), return_exceptions=True)
+        await asyncio.gather(*(member.stop() for member in self.members.values()), return_exceptions=True)
 
 
 def ready_file(settings: Settings) -> Path:

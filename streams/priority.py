@@ -2,7 +2,7 @@
 
 All dispatch tiers share one pool of in-flight sends per worker. A freed slot goes to the highest
 tier with a waiter, except that a lower tier gets a guaranteed share of recent grants so it never
-starves. A tier waiting for slots stops taking batches, so Faust stops fetching its partitions
+starves. A tier waiting for slots stops taking batches, so its consumer stops fetching its partitions
 (backpressure): lower tiers are in effect paused while higher tiers have backlog.
 """
 
@@ -17,8 +17,7 @@ TIERS = ("high", "normal", "low")
 DEFAULT_SHARES = {"normal": 0.10, "low": 0.05}
 WINDOW = 200  # grants remembered for the share
 # After an urgent message is seen anywhere in the loop, lower tiers' partitions pause this long: the
-# consumer stops fetching them (Faust's one fetcher would otherwise block on their full buffers and
-# stall every topic), and the worker's CPU goes to the urgent path.
+# consumers stop fetching them, and the worker's CPU goes to the urgent path.
 URGENT_HOLD_S = 2.0
 # A pause lasts at most this long, then lower tiers run for RESUME_S: their guaranteed share.
 MAX_PAUSE_S = 5.0
