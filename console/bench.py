@@ -516,9 +516,10 @@ LAYOUTS = {
 
 def priority_run(settings: Settings, local, layout: str, backlog: int, progress: Progress) -> dict:
     """A low-priority backlog in dispatch.low, then urgent triggers through the whole pipeline."""
+    from console.services import bulk_lane_env
     from console.services import stack as make_stack
     from schemas.models import Priority, RenderedMessage
-    from streams.topology import BULK_LANE, URGENT_LANE, select
+    from streams.topology import URGENT_LANE, select
 
     run = uuid.uuid4().hex[:6]
     local.stop(["worker", "worker-urgent"])
@@ -530,7 +531,7 @@ def priority_run(settings: Settings, local, layout: str, backlog: int, progress:
     asyncio.run(skip_to_end(settings.bootstrap, f"{settings.app_id}-urgent", urgent_topics))
     env = {"LOOPCAST_PRIORITY_ROUTING": str(layout != "one worker, routing off").lower()}
     if layout == "urgent lane":
-        env["LOOPCAST_STAGES"] = ",".join(BULK_LANE)
+        env |= bulk_lane_env(settings)
     make_stack(settings, worker_env=env).up(["worker", "worker-urgent"] if layout == "urgent lane" else ["worker"])
     reset_sandbox(settings)
     channel, template, _ = bench_documents(settings, run)

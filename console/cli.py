@@ -63,13 +63,13 @@ def stack_up(
     ] = False,
 ) -> None:
     """Start (or keep) the local stack; safe to run twice."""
-    from console.services import INFRA, stack
-    from streams.topology import BULK_LANE
+    from console.services import INFRA, bulk_lane_env, stack
 
     services = [*INFRA, "sandbox", *(["worker"] if workers or urgent_lane else [])]
-    env = {"LOOPCAST_STAGES": ",".join(BULK_LANE)} if urgent_lane else None
+    settings = Settings()
+    env = bulk_lane_env(settings) if urgent_lane else None
     with console.status("starting the local stack…") as status:
-        local = stack(Settings(), progress=lambda msg: status.update(msg), worker_env=env)
+        local = stack(settings, progress=lambda msg: status.update(msg), worker_env=env)
         if urgent_lane and not any(s.name == "worker-urgent" and s.running for s in local.status()):
             local.stop(["worker"])  # a worker running every stage would do the urgent lane's work twice
         local.up([*services, *(["worker-urgent"] if urgent_lane else [])])

@@ -64,6 +64,14 @@ def stack(
     return s
 
 
+def bulk_lane_env(settings: Settings) -> dict[str, str]:
+    """The bulk lane's worker beside an urgent lane: the rest of the stages, on all cores but one —
+    that one is the urgent lane's, so a marketing backlog never takes the CPU urgent messages need."""
+    from streams.topology import BULK_LANE
+
+    return {"LOOPCAST_STAGES": ",".join(BULK_LANE), "LOOPCAST_WORKER_PROCESSES": str(max(1, settings.processes - 1))}
+
+
 def _owns_partitions(settings: Settings) -> bool:
     from streams.app import ready_file
 
