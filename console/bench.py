@@ -168,6 +168,9 @@ def pipeline_burst(settings: Settings, n: int, progress: Progress) -> dict:
         "produce_s": produced_at - started,
         "rate": n / (stats["last_at"] - started),
         "latency": stats["latency_ms"],
+        # Counted at the provider, per message id: none may be missing, none may come twice.
+        "missing": n - stats["unique_messages"],
+        "twice": stats["received"] - stats["unique_messages"],
     }
 
 
@@ -311,6 +314,7 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
             deploy(settings, local, processes)
             scaling[processes] = run = burst_with_cost(settings, local, events, progress, f"{processes} process(es)")
             progress.console.log(f"burst, {processes} process(es): {run['rate']:,.0f} msg/s, {run['latency']}, "
+                                 f"{run['missing']} lost, {run['twice']} twice, "
                                  f"CPU µs/msg {({k: round(v) for k, v in run['cpu_us'].items()})}")  # fmt: skip
         burst = scaling[cores]
         paced = []
@@ -326,10 +330,12 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
     stack(settings).up(["worker"])  # back to the configured deployment
     raw_rate = min(produce_rate, consume_rate)
     table = Table(title="Loopcast benchmark (one run, this machine)")
-    for column in ("measure", "messages", "msg/s", "p50 ms", "p99 ms", "CPU µs/msg (worker · sandbox · kafka · redis)"):
+    columns = ("measure", "messages", "msg/s", "p50 ms", "p99 ms", "lost / twice")
+    columns += ("CPU µs/msg (worker · sandbox · kafka · redis)",)
+    for column in columns:
         table.add_column(column, justify="right" if column != "measure" else "left")
-    table.add_row("raw aiokafka produce (send_batch)", f"{raw_messages:,}", f"{produce_rate:,.0f}", "", "", "")
-    table.add_row("raw aiokafka consume (getmany)", f"{raw_messages:,}", f"{consume_rate:,.0f}", "", "", "")
+    table.add_row("raw aiokafka produce (send_batch)", f"{raw_messages:,}", f"{produce_rate:,.0f}", "", "", "", "")
+    table.add_row("raw aiokafka consume (getmany)", f"{raw_messages:,}", f"{consume_rate:,.0f}", "", "", "", "")
     for processes, run in scaling.items():
         cpu = run["cpu_us"]
         table.add_row(
@@ -338,6 +344,7 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
             f"{run['rate']:,.0f}",
             f"{run['latency']['p50']:,.0f}",
             f"{run['latency']['p99']:,.0f}",
+            f"{run['missing']} / {run['twice']}",
             f"{cpu['worker']:,.0f} · {cpu['sandbox']:,.0f} · {cpu['kafka']:,.0f} · {cpu['redis']:,.0f}",
         )
     for run in paced:
@@ -348,10 +355,11 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
             f"{run['latency']['p50']:,.0f}",
             f"{run['latency']['p99']:,.0f}",
             "",
+            "",
         )
     table.add_row(
         f"urgent under a {backlog:,} low-priority backlog (urgent lane)", "100", "",
-        f"{urgent['p50']:,.0f}", f"{urgent['p99']:,.0f}", "",
+        f"{urgent['p50']:,.0f}", f"{urgent['p99']:,.0f}", "", "",
     )  # fmt: skip
     console.print(table)
     costs = Table(title="CPU per message per stage (each stage family in a process of its own)")
