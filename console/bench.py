@@ -318,9 +318,11 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
                                  f"CPU µs/msg {({k: round(v) for k, v in run['cpu_us'].items()})}")  # fmt: skip
         burst = scaling[cores]
         paced = []
-        for n, rate in enumerate((1000.0, 5000.0), start=1):
+        # 20/s: what one message sees on an idle loop; then 1k/s and 5k/s.
+        for n, rate in enumerate((20.0, 1000.0, 5000.0), start=1):
             # Event ids of their own per run: the same ids again would be replays, deduplicated.
-            paced.append(pipeline_paced(settings, burst["run"], rate, 10, progress, first=n * 1_000_000))
+            paced.append(pipeline_paced(settings, burst["run"], rate, 5 if rate < 100 else 10, progress,
+                                        first=n * 1_000_000))  # fmt: skip
             progress.console.log(f"paced at {rate:,.0f}/s: {paced[-1]['latency']}")
             drain(settings, progress, f"paced at {rate:,.0f}/s: receipts and outcomes")
         stages = stage_costs(settings, local, min(events, 10_000), progress)
