@@ -61,6 +61,9 @@ HANDLERS: dict[str, Handler] = {
 # Failures of the infrastructure rather than of a message: retry the batch before blaming items.
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, asyncio.TimeoutError, OSError)
 TRANSIENT_ATTEMPTS = 5
+# The longest the broker holds a fetch with nothing to return (aiokafka's default is 500 ms: at each of
+# five hops a message could wait that long).
+FETCH_WAIT_MS = 20
 # How long a stopping worker lets its stages finish the batches in hand.
 STOP_GRACE_S = 10.0
 
@@ -90,6 +93,9 @@ class GroupMember:
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
             max_partition_fetch_bytes=4 << 20,
+            # aiokafka has one fetch in flight per broker, and a partition left out of it (its last
+            # records not handed on yet) waits for it to return: the broker must not hold it for long.
+            fetch_max_wait_ms=FETCH_WAIT_MS,
         )
         await self.consumer.start()
         names = sorted({t.name for loop in self.loops for t in loop.spec.inputs})

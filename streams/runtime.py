@@ -129,8 +129,10 @@ class ConfigFollower:
         """Wait until every document published before now is applied: a trigger that follows its
         campaign's publication onto Kafka is judged with that campaign, however close they came."""
         ends = await self._consumer.end_offsets(list(self._end))
-        while any(self._positions.get(tp, 0) < end for tp, end in ends.items()):
-            await self._moved.wait()
+        # The consumer's position, not the last record seen: compaction leaves offsets with no record.
+        for tp, end in ends.items():
+            while await self._consumer.position(tp) < end:
+                await self._moved.wait()
 
     async def stop(self) -> None:
         if self._task:
