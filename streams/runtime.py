@@ -102,7 +102,12 @@ class ConfigFollower:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False, group_id=None
         )
+        # The barrier asks for end offsets on a client of its own: the broker answers a connection's
+        # requests in order, so behind the follower's long-poll fetch (500 ms on a quiet topic) the
+        # question waited that long, and every match batch with it.
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap, enable_auto_commit=False)
         await self._consumer.start()
+        await self._offsets.start()
         partitions = await kafka_partitions(self._consumer, topics.CONFIG.name)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
@@ -128,7 +133,7 @@ class ConfigFollower:
     async def barrier(self) -> None:
         """Wait until every document published before now is applied: a trigger that follows its
         campaign's publication onto Kafka is judged with that campaign, however close they came."""
-        ends = await self._consumer.end_offsets(list(self._end))
+        ends = await self._offsets.end_offsets(list(self._end))
         # The consumer's position, not the last record seen: compaction leaves offsets with no record.
         for tp, end in ends.items():
             while await self._consumer.position(tp) < end:
@@ -138,6 +143,7 @@ class ConfigFollower:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._offsets.stop()
         await self._consumer.stop()
 
 
