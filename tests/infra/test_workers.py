@@ -9,18 +9,31 @@ from streams.topology import BULK_LANE, URGENT_LANE, select
 
 pytestmark = pytest.mark.unit
 
+SENDING = ["match", "render", "throttle", "dispatch.high", "dispatch.normal", "dispatch.low"]
 
-@pytest.mark.parametrize("processes", [1, 2, 4])
-def test_the_warehouse_owner_runs_once_and_every_other_stage_everywhere(processes: int) -> None:
+
+def test_one_process_runs_everything() -> None:
+    assert layout(select(None), 1) == [[s.name for s in select(None)]]
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_the_warehouse_owner_runs_once_and_the_sending_stages_in_every_other_process(processes: int) -> None:
     plan = layout(select(None), processes)
     assert len(plan) == processes
-    feedback = [n for n in plan[0] if n.startswith("feedback")]
-    assert feedback and all(not any(n.startswith("feedback") for n in names) for names in plan[1:])
-    for names in plan[1:]:
-        assert set(names) == set(plan[0]) - set(feedback)
+    assert all(n.split(".")[0] in ("feedback", "monitor") for n in plan[0])
+    assert "feedback" in plan[0] and "monitor" in plan[0]
+    assert plan[1:] == [SENDING] * (processes - 1)
+    # Every stage runs somewhere.
+    assert {n for names in plan for n in names} == {s.name for s in select(None)}
 
 
 def test_lanes_split_the_same_way() -> None:
     assert layout(select(list(URGENT_LANE)), 2) == [list(URGENT_LANE)] * 2
-    bulk = layout(select(list(BULK_LANE)), 2)
-    assert bulk[1] == [n for n in bulk[0] if not n.startswith("feedback")]
+    bulk = [s.name for s in select(list(BULK_LANE))]
+    assert layout(select(list(BULK_LANE)), 1) == [bulk]
+    owner = [n for n in bulk if not n.startswith("dispatch")]
+    assert layout(select(list(BULK_LANE)), 3) == [owner] + [["dispatch.normal", "dispatch.low"]] * 2
+
+
+def test_a_deployment_of_the_warehouse_alone_is_one_process() -> None:
+    assert layout(select(["feedback"]), 2) == [[s.name for s in select(["feedback"])]]
