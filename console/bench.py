@@ -310,7 +310,9 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
         produce_rate, consume_rate = asyncio.run(raw_kafka(settings, raw_messages))
         progress.update(task, total=1, completed=1)
         scaling = {}
-        for processes in sorted({1, cores}):
+        # The scaling row (1 and 2 processes), and the default deployment (the warehouse owner plus
+        # one sending process per core) when that is another.
+        for processes in sorted({1, 2, cores}):
             deploy(settings, local, processes)
             scaling[processes] = run = burst_with_cost(settings, local, events, progress, f"{processes} process(es)")
             progress.console.log(f"burst, {processes} process(es): {run['rate']:,.0f} msg/s, {run['latency']}, "

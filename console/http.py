@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from connectors.channels.base import ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.inbox_store import InboxStore
+from connectors.kafka import send_keyed
 from connectors.policy_store import PolicyStore
 from connectors.state import State
 from infra import topics
@@ -155,7 +156,7 @@ class Endpoints:
         except ReceiptRejected as exc:
             log.warning("receipt from %s refused (%s): %s", scheme, exc.status, exc)
             return web.json_response({"ok": False, "reason": str(exc)}, status=exc.status)
-        unknown, published = 0, []
+        unknown, outcomes, settling = 0, [], []
         targets = await self.state.receipt_targets(scheme, [r.provider_message_id for r in receipts])
         for receipt, target in zip(receipts, targets, strict=True):
             if target is None:
@@ -174,10 +175,13 @@ class Endpoints:
                 triggered_at=datetime.fromisoformat(target["triggered_at"]),
                 fallback_of=target.get("fallback_of"),
             )
-            sent = await self.producer.send(topics.OUTCOMES.name, encode(outcome), key=outcome.user_id.encode())
-            published.append(sent)
+            outcomes.append((outcome.user_id.encode(), encode(outcome)))
             if target.get("fallback"):
-                await self.settle_fallback(outcome.message_id, receipt.delivered)
+                settling.append((outcome.message_id, receipt.delivered))
+        # A callback's receipts as whole record batches (a send per receipt cost more than the receipt).
+        published = await send_keyed(self.producer, topics.OUTCOMES.name, outcomes) if outcomes else []
+        for message_id, delivered in settling:
+            await self.settle_fallback(message_id, delivered)
         # Answered only once every outcome is in Kafka: a provider retries a receipt we did not take.
         await asyncio.gather(*published)
         if unknown:

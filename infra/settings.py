@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     app_id: str = "loopcast"
     # The stages this worker runs (comma-separated families or names); empty: all of them.
     stages: str = ""
-    # Worker processes (`loopcast worker`, the local stack's worker): 0 means one per core.
+    # Worker processes (`loopcast worker`, the local stack's worker): 0 means the warehouse owner plus
+    # one sending process per core (infra.workers.default_processes).
     worker_processes: int = 0
 
     @property

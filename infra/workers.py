@@ -22,8 +22,15 @@ log = logging.getLogger("loopcast.workers")
 MAX_RESTARTS = 5
 
 
-def default_processes() -> int:
+def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_processes() -> int:
+    """The warehouse owner plus one sending process per core. The owner needs less than a core (it
+    waits on inserts), so with one process per core in all, a core stayed partly idle while the
+    sending process was saturated (bench, 2 cores: 3.6k msg/s with two processes, 4.0k with three)."""
+    return cores() + 1 if cores() > 1 else 1
 
 
 def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:

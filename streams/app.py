@@ -36,7 +36,7 @@ from schemas.codec import DecodeError
 from schemas.contracts import codec
 from streams import dispatch, feedback, match, monitor, render, throttle
 from streams.render import RenderSettings
-from streams.runtime import Output, Runtime, describe
+from streams.runtime import Output, Runtime, SharedDecodes, describe
 from streams.topology import StageSpec
 
 log = logging.getLogger("loopcast.worker")
@@ -216,6 +216,11 @@ class StageWorker(mode.Service):
             member = self.members.setdefault(group, GroupMember(settings, group))
             self.loops.append(StageLoop(self.runtime, spec, settings, member))
         lower = [loop for loop in self.loops if loop.spec.inputs[0] in (topics.DISPATCH_NORMAL, topics.DISPATCH_LOW)]
+        readers: dict[str, int] = {}
+        for spec in stages:
+            for topic in spec.inputs:
+                readers[topic.name] = readers.get(topic.name, 0) + 1
+        self.runtime.shared_decodes = SharedDecodes(readers)
         self.runtime.gate.bind(
             pause=lambda: [loop.pause() for loop in lower],
             resume=lambda: [loop.resume() for loop in lower],
@@ -267,11 +272,12 @@ def ready_file(settings: Settings) -> Path:
 
 async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler, records) -> None:
     decode = codec(spec.value).decode
+    shared = rt.shared_decodes.decode
     out = Output()
     good = []
     for record in records:
         try:
-            good.append((record, decode(record.value, allow_json=spec.accepts_json)))
+            good.append((record, shared(record, decode, spec.accepts_json)))
         except DecodeError as exc:
             if not spec.dead_letters:
                 continue

@@ -82,6 +82,32 @@ class Recent(OrderedDict):
             self.popitem(last=False)
 
 
+class SharedDecodes:
+    """Records two stages of this process read (feedback and monitor both read every outcome): the
+    first to decode one leaves the value for the other, so each record is decoded once per process.
+    Values are frozen models, safe to share. Bounded: a value the other stage never asks for (its
+    partitions went to another process) is forgotten, oldest first."""
+
+    def __init__(self, readers: dict[str, int], size: int = 100_000) -> None:
+        # Topic -> stages of this process that read it; only topics with more than one are shared.
+        self.readers = {topic: n for topic, n in readers.items() if n > 1}
+        self.values: Recent = Recent(size)
+
+    def decode(self, record, decode, allow_json: bool):
+        if record.topic not in self.readers:
+            return decode(record.value, allow_json=allow_json)
+        key = (record.topic, record.partition, record.offset)
+        entry = self.values.pop(key, None)
+        if entry is not None:
+            value, waiting = entry
+            if waiting > 1:
+                self.values.remember(key, (value, waiting - 1))
+            return value
+        value = decode(record.value, allow_json=allow_json)
+        self.values.remember(key, (value, self.readers[record.topic] - 1))
+        return value
+
+
 class ConfigFollower:
     """Reads the compacted config topic from the start into a ConfigStore, then keeps following.
 
@@ -168,6 +194,7 @@ class Runtime(mode.Service):
         self._adapter_source: dict[tuple[str, int], object] = {}
         # Provider health per route (circuit breakers), shared by every dispatch tier of this worker.
         self.routes = Routes()
+        self.shared_decodes = SharedDecodes({})
         self._http_runner = None
         self._loops: list[asyncio.Task] = []
         self.producer: AIOKafkaProducer | None = None
