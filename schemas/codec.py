@@ -55,6 +55,8 @@ class AvroCodec:
         self.fingerprint = crc64_avro(fastavro.schema.to_parsing_canonical_form(parsed_schema).encode()).to_bytes(
             8, "little"
         )
+        # What every record written with the current schema starts with.
+        self.header = MAGIC + self.fingerprint
         # Writer schemas we can still read, by fingerprint (the current one first).
         self.writers: dict[bytes, dict] = {self.fingerprint: parsed_schema}
         for schema in older or []:
@@ -63,8 +65,7 @@ class AvroCodec:
 
     def encode(self, value: BaseModel) -> bytes:
         buf = io.BytesIO()
-        buf.write(MAGIC)
-        buf.write(self.fingerprint)
+        buf.write(self.header)
         fastavro.schemaless_writer(buf, self.schema, value.model_dump(mode="python"))
         return buf.getvalue()
 

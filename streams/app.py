@@ -271,26 +271,36 @@ def ready_file(settings: Settings) -> Path:
 
 
 async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler, records) -> None:
-    decode = codec(spec.value).decode
+    value_codec = codec(spec.value)
+    decode = value_codec.decode
     shared = rt.shared_decodes.decode
+    current = value_codec.header
     out = Output()
     good = []
+    wire = {}
     for record in records:
         try:
-            good.append((record, shared(record, decode, spec.accepts_json)))
+            value = shared(record, decode, spec.accepts_json)
         except DecodeError as exc:
             if not spec.dead_letters:
                 continue
             out.dead_letter(spec.name, record.topic, record.partition, record.offset, record.key, record.value, exc)
+            continue
+        good.append((record, value))
+        # Only bytes in the current schema can stand for the value (not JSON, not an older writer's).
+        if record.value.startswith(current):
+            wire[id(value)] = record.value
     if good:
-        await _handle(rt, out, spec, handler, good)
+        # `good` keeps every value alive while `wire` is used, so no other object can take an id in it.
+        await _handle(rt, out, spec, handler, good, wire)
     await out.flush(producer)
 
 
-async def _handle(rt: Runtime, out: Output, spec: StageSpec, handler: Handler, good: list) -> None:
+async def _handle(rt: Runtime, out: Output, spec: StageSpec, handler: Handler, good: list, wire=None) -> None:
     values = [value for _, value in good]
+    wire = wire or {}
     for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
-        batch_out = Output()
+        batch_out = Output(wire=wire)
         try:
             await handler(rt, batch_out, values)
             out.items += batch_out.items
@@ -302,7 +312,7 @@ async def _handle(rt: Runtime, out: Output, spec: StageSpec, handler: Handler, g
             log.warning("%s: batch of %d failed, isolating: %s", spec.name, len(values), describe(exc))
             break
     for message, value in good:
-        single = Output()
+        single = Output(wire=wire)
         try:
             await handler(rt, single, [value])
             out.items += single.items

@@ -37,9 +37,13 @@ class Output:
     fails part-way leaves nothing behind, and its input is retried or dead-lettered whole."""
 
     items: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    # The batch's input records as they came (by the identity of their decoded values): a value passed
+    # on unchanged, as throttle passes a message to dispatch, goes out as those bytes, not re-encoded.
+    wire: dict[int, bytes] = field(default_factory=dict)
 
     def send(self, topic: str, key: str | None, value: Record) -> None:
-        self.items.append((topic, key.encode() if key is not None else None, encode(value)))
+        data = self.wire.get(id(value))
+        self.items.append((topic, key.encode() if key is not None else None, data or encode(value)))
 
     def outcome(self, outcome: Outcome) -> None:
         self.send(topics.OUTCOMES.name, outcome.user_id, outcome)

@@ -85,3 +85,22 @@ def test_shared_decodes_forget_the_oldest_beyond_their_size() -> None:
             Message(topics.OUTCOMES.name, 0, offset, None, encode(event(f"u{offset}"))), codec(Event).decode, False
         )
     assert [key[2] for key in shared.values] == [2, 3, 4]
+
+
+def test_a_value_passed_on_unchanged_goes_out_as_the_bytes_it_came_in() -> None:
+    from schemas.contracts import encode
+
+    spec = next(s for s in STAGES if s.name == "match")
+    original = encode(event("a"))
+    value = codec(Event).decode(original)
+
+    async def pass_on(rt, out: Output, events: list[Event]) -> None:
+        for e in events:
+            out.send(topics.MATCHED.name, e.user_id, e)
+            out.send(topics.MATCHED.name, e.user_id, e.model_copy(update={"user_id": "z"}))
+
+    out = Output()
+    asyncio.run(_handle(None, out, spec, pass_on, [(Message("loopcast.events", 0, 0, b"a", original), value)],
+                        {id(value): original}))  # fmt: skip
+    assert out.items[0][2] is original
+    assert codec(Event).decode(out.items[1][2]) == value.model_copy(update={"user_id": "z"})
