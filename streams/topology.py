@@ -25,6 +25,11 @@ class StageSpec:
     # The stage where outside triggers enter: each batch waits for the config published before it.
     config_barrier: bool = False
 
+    @property
+    def send_path(self) -> bool:
+        """On the way from a trigger to the provider, where every millisecond is the user's."""
+        return self.name.split(".")[0] not in ("feedback", "monitor")
+
     def group(self, app_id: str) -> str:
         """The consumer group: the deployment's, except for a second reader of a topic, which needs
         one of its own — in one group the two would split the topic's partitions between them."""
