@@ -30,8 +30,11 @@ class DeliveryStatus(StrEnum):
     failed = "failed"
 
 
-class DeliveryResult(BaseModel):
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What a provider said to one send. A dataclass, not a model: one is made per message sent, and
+    everything that makes one is our own adapter code (nothing to validate)."""
+
     status: DeliveryStatus
     provider_message_id: str | None = None
     retryable: bool = False
