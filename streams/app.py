@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -275,7 +276,7 @@ def ready_file(settings: Settings) -> Path:
 
 async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler, records) -> None:
     value_codec = codec(spec.value)
-    decode = value_codec.decode
+    decode = functools.partial(value_codec.decode, allow_json=spec.accepts_json, trusted=spec.trusted_input)
     shared = rt.shared_decodes.decode
     current = value_codec.header
     out = Output()
@@ -283,7 +284,7 @@ async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler
     wire = {}
     for record in records:
         try:
-            value = shared(record, decode, spec.accepts_json)
+            value = shared(record, decode)
         except DecodeError as exc:
             if not spec.dead_letters:
                 continue

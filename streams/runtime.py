@@ -97,9 +97,9 @@ class SharedDecodes:
         self.readers = {topic: n for topic, n in readers.items() if n > 1}
         self.values: Recent = Recent(size)
 
-    def decode(self, record, decode, allow_json: bool):
+    def decode(self, record, decode):
         if record.topic not in self.readers:
-            return decode(record.value, allow_json=allow_json)
+            return decode(record.value)
         key = (record.topic, record.partition, record.offset)
         entry = self.values.pop(key, None)
         if entry is not None:
@@ -107,7 +107,7 @@ class SharedDecodes:
             if waiting > 1:
                 self.values.remember(key, (value, waiting - 1))
             return value
-        value = decode(record.value, allow_json=allow_json)
+        value = decode(record.value)
         self.values.remember(key, (value, self.readers[record.topic] - 1))
         return value
 

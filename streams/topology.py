@@ -26,6 +26,11 @@ class StageSpec:
     config_barrier: bool = False
 
     @property
+    def trusted_input(self) -> bool:
+        """Its topics are written only by Loopcast's stages and endpoints, from validated models."""
+        return not self.accepts_json
+
+    @property
     def send_path(self) -> bool:
         """On the way from a trigger to the provider, where every millisecond is the user's."""
         return self.name.split(".")[0] not in ("feedback", "monitor")

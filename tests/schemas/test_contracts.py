@@ -191,3 +191,16 @@ def test_config_documents_round_trip_through_records() -> None:
     ):
         record = codec(models.ConfigRecord).decode(encode(doc.to_record()))
         assert parse_document(record) == doc
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: type(s).__name__)
+def test_a_trusted_record_is_the_same_model_as_a_validated_one(sample: BaseModel) -> None:
+    data = encode(sample)
+    taken = codec(type(sample)).decode(data, trusted=True)
+    assert taken == sample and type(taken) is type(sample)
+    assert taken.model_dump() == sample.model_dump()
+    assert encode(taken) == data
+    # Enum fields are the enums, as validation would make them.
+    for name, value in sample:
+        assert type(getattr(taken, name)) is type(value)
+

@@ -60,18 +60,18 @@ def test_a_record_two_stages_read_is_decoded_once_and_shared() -> None:
     shared = SharedDecodes({topics.OUTCOMES.name: 2, topics.MATCHED.name: 1})
     calls: list[bytes] = []
 
-    def decode(data: bytes, allow_json: bool) -> Event:
+    def decode(data: bytes) -> Event:
         calls.append(data)
-        return codec(Event).decode(data, allow_json=allow_json)
+        return codec(Event).decode(data)
 
     first = Message(topics.OUTCOMES.name, 0, 7, None, encode(event("a")))
-    value = shared.decode(first, decode, False)
-    assert shared.decode(first, decode, False) is value  # the second reader: no decode
+    value = shared.decode(first, decode)
+    assert shared.decode(first, decode) is value  # the second reader: no decode
     assert len(calls) == 1
     assert not shared.values  # both readers had it: nothing kept
     # A topic only one stage reads is never kept.
     alone = Message(topics.MATCHED.name, 0, 7, None, encode(event("b")))
-    shared.decode(alone, decode, False)
+    shared.decode(alone, decode)
     assert len(calls) == 2 and not shared.values
 
 
@@ -81,9 +81,7 @@ def test_shared_decodes_forget_the_oldest_beyond_their_size() -> None:
 
     shared = SharedDecodes({topics.OUTCOMES.name: 2}, size=3)
     for offset in range(5):
-        shared.decode(
-            Message(topics.OUTCOMES.name, 0, offset, None, encode(event(f"u{offset}"))), codec(Event).decode, False
-        )
+        shared.decode(Message(topics.OUTCOMES.name, 0, offset, None, encode(event(f"u{offset}"))), codec(Event).decode)
     assert [key[2] for key in shared.values] == [2, 3, 4]
 
 
