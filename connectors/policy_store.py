@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 import redis.asyncio as aioredis
 
 from connectors.state import redis_client
@@ -203,7 +204,7 @@ class PolicyStore:
                 checks.append([limit, (rolling_s or 0) * 1000, max(1, ttl_s) * 1000, rule])
             batch.append([r.message_id, max(1, r.dedup_ttl_s) * 1000, checks])
         now_ms = max(r.now_ms for r in requests)
-        raw = await self._admit(keys=keys, args=[now_ms, json.dumps(batch, separators=(",", ":"))])
+        raw = await self._admit(keys=keys, args=[now_ms, orjson.dumps(batch)])
         return [
             Admission(_STATUS[int(raw[i])], raw[i + 1].decode() if raw[i + 1] else None) for i in range(0, len(raw), 2)
         ]

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from connectors.inventory import Inventory
@@ -183,9 +184,11 @@ class State:
         args: list[Any] = [TOUCH_TTL_S, RECEIPT_TTL_S]
         for user_id, touch, provider, provider_id in sends:
             with_receipt = bool(provider and provider_id)
-            meta = json.dumps({"user_id": user_id, **touch.model_dump(mode="json")}) if with_receipt else ""
+            touch_json = touch.__pydantic_serializer__.to_json(touch)
+            # The receipt's target: the touch's fields and the user's, from the one serialisation.
+            meta = b'{"user_id":' + orjson.dumps(user_id) + b"," + touch_json[1:] if with_receipt else b""
             keys += [touch_key(user_id), receipt_key(provider, provider_id) if with_receipt else touch_key(user_id)]
-            args += [touch.campaign_id, touch.model_dump_json(), meta]
+            args += [touch.campaign_id, touch_json, meta]
         if sends:
             await self._record(keys=keys, args=args)
 
@@ -217,7 +220,7 @@ class State:
         if not provider_message_ids:
             return []
         raw = await self.redis.mget([receipt_key(provider, i) for i in provider_message_ids])
-        return [json.loads(r) if r else None for r in raw]
+        return [orjson.loads(r) if r else None for r in raw]
 
     # A/B tests ------------------------------------------------------------------------------
     async def ab_states(self, campaign_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
