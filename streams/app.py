@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -236,6 +237,10 @@ class StageWorker(mode.Service):
         # A worker without an HTTP port says it is serving by a file: config read, in every group.
         await asyncio.gather(*(m.assigned.wait() for m in self.members.values()))
         await self.runtime.wait_ready()
+        # What start-up built (modules, clients, the config) lives as long as the process: out of the
+        # collector's sight, so a full collection walks only what the stages keep, not all of it.
+        gc.collect()
+        gc.freeze()
         ready_file(self.settings).parent.mkdir(parents=True, exist_ok=True)
         ready_file(self.settings).write_text(str(os.getpid()))
 

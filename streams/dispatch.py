@@ -124,7 +124,7 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
     claim = claim_id(message)
     # Handed over already by this process (a batch retried after a blip): the same outcome, no resend.
     if (done := rt.handed_over.get(claim)) is not None:
-        out.outcome(done)
+        out.send_encoded(topics.OUTCOMES.name, message.user_id, done)
         return
     channel = rt.config.channel(message.channel)
     if channel is None:
@@ -147,8 +147,7 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
                 # even an outage of every provider ends in `failed` after MAX_ATTEMPTS passes.
                 if attempt >= MAX_ATTEMPTS:
                     outcome = failed_without_provider(message, f"no healthy provider after {attempt} attempts", attempt)
-                    rt.handed_over.remember(claim, outcome)
-                    out.outcome(outcome)
+                    rt.handed_over.remember(claim, out.outcome(outcome))
                     await settle(rt, out, message, outcome, False)
                     return
                 attempt += 1
@@ -157,7 +156,7 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
             pending = Outcome.of(
                 message, OutcomeCode.retrying, "dispatch", f"attempt {attempt} in {wait_s:.1f} s", attempt=attempt - 1
             )
-            rt.handed_over.remember(claim, pending)
+            rt.handed_over.remember(claim, encode(pending))
             if not tried:
                 out.outcome(pending)  # after a send, that send's own `retrying` outcome already says it
             return
@@ -177,9 +176,9 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
             keys[index], result.status is DeliveryStatus.accepted or not result.retryable, time.monotonic()
         )
         outcome = outcome_for(message, adapter.scheme, result, attempt)
-        out.outcome(outcome)
+        sent = out.outcome(outcome)
         if outcome.code is not OutcomeCode.retrying:
-            rt.handed_over.remember(claim, outcome)
+            rt.handed_over.remember(claim, sent)
             if outcome.code is OutcomeCode.sent and adapter.delivers_on_accept:
                 out.outcome(Outcome.of(message, OutcomeCode.delivered, "dispatch", provider=adapter.scheme))
             if outcome.code is OutcomeCode.sent:

@@ -9,6 +9,7 @@ close callable. `python -m connectors.channels.sandboxes` (or `loopcast sandbox 
 
 from __future__ import annotations
 
+import gc
 import importlib
 from collections.abc import Iterable
 
@@ -77,6 +78,10 @@ def main() -> None:
     use_fast_loop()
     settings = Settings()
     app, _ = build_app(settings)
+    # Start-up's objects out of the collector's sight: a full collection then walks only what arrived,
+    # and a provider's answer is not held up by one walking the whole process.
+    gc.collect()
+    gc.freeze()
     web.run_app(app, host=settings.host, port=settings.sandbox_port, access_log=None, print=None)
 
 
