@@ -69,7 +69,10 @@ class Settings(BaseSettings):
 
         return self.worker_processes or default_processes()
     partitions: int = 4
-    batch_size: int = 500
+    # The most records a stage takes at once (dispatch and feedback four times as many). A batch closes
+    # when nothing more is queued, so this only matters under load, where each batch's round trips
+    # (Redis, Kafka commits and acks) are shared by more messages: burst 4.0k msg/s at 500, 5.6k at 2,000.
+    batch_size: int = 2000
     # How long a warehouse write waits to gather more rows: ClickHouse wants few, big inserts.
     warehouse_linger_s: float = 1.0
 
