@@ -4,11 +4,12 @@ and reading a topic to its current end. Stages use Faust instead."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from schemas.contracts import encode
 from schemas.models import Record
@@ -96,6 +97,17 @@ async def group_lag(bootstrap: str, group_id: str, topic_names: Sequence[str]) -
         await admin.close()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _index_of(key: bytes, count: int) -> int:
+    """Which of `count` partitions (sorted) the default partitioner gives a key: the murmur2 hash of any
+    keyed send. Remembered: one user's records pass through every stage of the same process, and the
+    hash is pure Python (1-2 µs a key)."""
+    return (murmur2(key) & 0x7FFFFFFF) % count
+
+
+_PLACE = DefaultPartitioner()
+
+
 async def send_keyed(
     producer: AIOKafkaProducer, topic: str, items: Sequence[tuple[bytes | None, bytes]]
 ) -> list[asyncio.Future]:
@@ -103,10 +115,13 @@ async def send_keyed(
     keyed send (so a user's records keep their order with other producers'): per-record send()
     costs more CPU than building the records (broadcast fan-out, every stage's output)."""
     partitions = sorted(await producer.partitions_for(topic))
-    place = DefaultPartitioner()
     by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
     for key, value in items:
-        by_partition.setdefault(place(key, partitions, partitions), []).append((key, value))
+        if key is None:  # where the partitioner's random choice puts it, as with send()
+            partition = _PLACE(None, partitions, partitions)
+        else:
+            partition = partitions[_index_of(key, len(partitions))]
+        by_partition.setdefault(partition, []).append((key, value))
     acks = []
     for partition, records in by_partition.items():
         batch = producer.create_batch()
