@@ -106,7 +106,7 @@ def worker(
     ] = 0,
 ) -> None:
     """Run the stages in the foreground: one process, or a supervisor of several."""
-    from infra.workers import supervise
+    from infra.workers import default_processes, supervise
     from streams.app import run_worker
     from streams.topology import select
 
@@ -115,7 +115,7 @@ def worker(
         chosen = select([s.strip() for s in (stages or settings.stages).split(",") if s.strip()] or None)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    count = processes or settings.processes
+    count = processes or settings.worker_processes or default_processes(chosen)
     if count > 1:
         raise typer.Exit(supervise(chosen, count, loglevel))
     sys.argv = [sys.argv[0]]  # mode's worker parses argv; ours is already parsed

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from streams.topology import StageSpec
+from streams.topology import StageSpec, select
 
 log = logging.getLogger("loopcast.workers")
 
@@ -26,11 +26,13 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def default_processes() -> int:
-    """The warehouse owner plus one sending process per core. The owner needs less than a core (it
-    waits on inserts), so with one process per core in all, a core stayed partly idle while the
-    sending process was saturated (bench, 2 cores: 3.6k msg/s with two processes, 4.0k with three)."""
-    return cores() + 1 if cores() > 1 else 1
+def default_processes(stages: Sequence[StageSpec] | None = None) -> int:
+    """One sending process per core, plus the warehouse owner where the stages (default: all) have both.
+    The owner needs less than a core (it waits on inserts), so with one process per core in all, a
+    core stayed partly idle while the sending process was saturated (bench, 2 cores: 3.6k msg/s with
+    two processes, 4.0k with three)."""
+    plan = layout(stages if stages is not None else select(None), 2)
+    return cores() + 1 if cores() > 1 and len(plan) == 2 and plan[0] != plan[1] else cores()
 
 
 def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:

@@ -37,3 +37,15 @@ def test_lanes_split_the_same_way() -> None:
 
 def test_a_deployment_of_the_warehouse_alone_is_one_process() -> None:
     assert layout(select(["feedback"]), 2) == [[s.name for s in select(["feedback"])]]
+
+
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_by_default_a_sending_process_per_core_beside_the_warehouse_owner(count: int, monkeypatch) -> None:
+    import infra.workers
+
+    monkeypatch.setattr(infra.workers, "cores", lambda: count)
+    owner = 1 if count > 1 else 0
+    assert infra.workers.default_processes() == count + owner
+    assert infra.workers.default_processes(select(list(BULK_LANE))) == count + owner
+    # Nothing of the owner's: no process for it.
+    assert infra.workers.default_processes(select(list(URGENT_LANE))) == count
