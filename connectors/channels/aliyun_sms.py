@@ -1,14 +1,21 @@
-"""Alibaba Cloud SMS (dysmsapi SendSms): RPC-style HMAC-SHA1 signed requests; content only through an approved
-template, and business errors (throttling included) come back as HTTP 200 with a Code other than "OK".
+"""Alibaba Cloud SMS (dysmsapi SendSms, SendBatchSms): RPC-style HMAC-SHA1 signed requests; content only through
+an approved template, and business errors (throttling included) come back as HTTP 200 with a Code other than "OK".
 Aliyun's HTTP batch push of SmsReport carries no signature, so the receipt URL carries a shared token instead.
+
+With the channel option `batch_max` (2-100) the messages being sent at the same moment go as one SendBatchSms
+call: per recipient its number, signature and template variables, one BizId for the call. A report names the
+BizId and the number, so a message's provider id is "<BizId>:<number>" (for SendSms too), and one call never
+carries the same number twice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,11 +25,14 @@ from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
     DeliveryResult,
+    DeliveryStatus,
     HttpAdapter,
     Limits,
+    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
+    batch_max_option,
     batched_receipts,
     malformed,
     query_value,
@@ -38,6 +48,9 @@ API_VERSION = "2017-05-25"
 # Per-recipient flow control (分钟级 1/min, 小时级 5/h, 天级 10/day by default) and the API gateway's own throttle.
 THROTTLED = {"isv.BUSINESS_LIMIT_CONTROL", "Throttling", "Throttling.User", "Throttling.Api"}
 TRANSIENT = {"isp.SYSTEM_ERROR", "InternalError", "ServiceUnavailable"}
+# SendBatchSms takes at most this many numbers in one call.
+BATCH_MOST = 100
+MAINLAND_PREFIX = re.compile(r"^(?:\+|00)?86(?=1\d{10}$)")
 # Which flow-control window the message names: the earliest a retry can succeed.
 LIMIT_WINDOWS_S = {"分钟级": 60.0, "小时级": 3600.0, "天级": 86400.0}
 
@@ -62,6 +75,31 @@ def strip_signature(body: str, sign_name: str) -> str:
     """The copy engine's sms-cn format prefixes 【brand】; the platform adds 【SignName】 itself."""
     prefix = f"【{sign_name}】"
     return body[len(prefix) :] if body.startswith(prefix) else body
+
+
+def number_key(phone: str) -> str:
+    """A number as reports name it: a mainland mobile without its +86 / 0086 / 86 prefix."""
+    return MAINLAND_PREFIX.sub("", phone.strip())
+
+
+def message_key(biz_id: str, phone: str) -> str:
+    """A message's provider id: the call's BizId and the recipient's number (a batch shares its BizId)."""
+    return f"{biz_id}:{number_key(phone)}"
+
+
+def rounds(messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+    """The messages as calls in which no number comes twice (their reports could not be told apart)."""
+    calls: list[list[RenderedMessage]] = []
+    numbers: list[set[str]] = []
+    for message in messages:
+        key = number_key(message.address)
+        index = next((i for i, taken in enumerate(numbers) if key not in taken), len(calls))
+        if index == len(calls):
+            calls.append([])
+            numbers.append(set())
+        calls[index].append(message)
+        numbers[index].add(key)
+    return calls
 
 
 def flow_control_wait(message: str) -> float | None:
@@ -95,7 +133,7 @@ class AliyunSmsAdapter(HttpAdapter):
         def read(report: dict) -> Receipt:
             delivered = report["success"] is True
             return Receipt(
-                provider_message_id=str(report["biz_id"]),
+                provider_message_id=message_key(str(report["biz_id"]), str(report["phone_number"])),
                 delivered=delivered,
                 error_code=None if delivered else str(report.get("err_code") or "UNDELIVERED"),
             )
@@ -118,12 +156,16 @@ class AliyunSmsAdapter(HttpAdapter):
         self.param_field = options.get("template_param_field") or "content"
         self.region = options.get("region") or "cn-hangzhou"
         self.url = root_url(channel, API_ROOT) + "/"
+        self.batch_max = batch_max_option(channel, BATCH_MOST)
+        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
 
-    def params(self, message: RenderedMessage, *, now: float | None = None) -> dict[str, str]:
-        content = strip_signature(message.body, self.sign_name)
+    def _variables(self, message: RenderedMessage) -> dict[str, str]:
+        return {self.param_field: strip_signature(message.body, self.sign_name)}
+
+    def _signed(self, action: str, fields: dict[str, str], now: float | None) -> dict[str, str]:
         params = {
             "AccessKeyId": self.credentials.access_key_id,
-            "Action": "SendSms",
+            "Action": action,
             "Format": "JSON",
             "RegionId": self.region,
             "SignatureMethod": "HMAC-SHA1",
@@ -131,17 +173,41 @@ class AliyunSmsAdapter(HttpAdapter):
             "SignatureVersion": "1.0",
             "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
             "Version": API_VERSION,
-            "PhoneNumbers": message.address,
-            "SignName": self.sign_name,
             "TemplateCode": self.template_code,
-            "TemplateParam": json.dumps({self.param_field: content}, ensure_ascii=False),
-            "OutId": message.message_id,  # echoed back as out_id in the SmsReport
+            **fields,
         }
         params["Signature"] = rpc_signature(self.credentials.access_key_secret.get_secret_value(), params)
         return params
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        form = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in self.params(message).items())
+    def params(self, message: RenderedMessage, *, now: float | None = None) -> dict[str, str]:
+        return self._signed(
+            "SendSms",
+            {
+                "PhoneNumbers": message.address,
+                "SignName": self.sign_name,
+                "TemplateParam": json.dumps(self._variables(message), ensure_ascii=False),
+                "OutId": message.message_id,  # echoed back as out_id in the SmsReport
+            },
+            now,
+        )
+
+    def batch_params(self, messages: list[RenderedMessage], *, now: float | None = None) -> dict[str, str]:
+        def listed(values: list) -> str:
+            return json.dumps(values, ensure_ascii=False)
+
+        return self._signed(
+            "SendBatchSms",
+            {
+                "PhoneNumberJson": listed([m.address for m in messages]),
+                "SignNameJson": listed([self.sign_name] * len(messages)),
+                "TemplateParamJson": listed([self._variables(m) for m in messages]),
+            },
+            now,
+        )
+
+    async def _call(self, params: dict[str, str]) -> DeliveryResult:
+        """One signed call; accepted carries the call's BizId as its provider id."""
+        form = "&".join(f"{percent_encode(k)}={percent_encode(v)}" for k, v in params.items())
         headers = {"Content-Type": "application/x-www-form-urlencoded"}
         response = await self.request("POST", self.url, data=form.encode(), headers=headers)
         if isinstance(response, DeliveryResult):
@@ -161,3 +227,27 @@ class AliyunSmsAdapter(HttpAdapter):
             return rejected(code, text, retryable=code in TRANSIENT)
         biz_id = answer.get("BizId")
         return accepted(biz_id, text) if isinstance(biz_id, str) and biz_id else malformed(text)
+
+    @staticmethod
+    def _for(message: RenderedMessage, result: DeliveryResult) -> DeliveryResult:
+        if result.status is not DeliveryStatus.accepted:
+            return result
+        return accepted(message_key(result.provider_message_id, message.address), result.raw)
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        if self.batch_max > 1:
+            return await self.batches.send(message)
+        return self._for(message, await self._call(self.params(message)))
+
+    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        # A lone message goes as SendSms: its report carries its OutId, and nothing waits for the batch path.
+        calls = rounds(messages)
+        results = await asyncio.gather(
+            *(self._call(self.params(c[0]) if len(c) == 1 else self.batch_params(c)) for c in calls)
+        )
+        by_id = {
+            id(message): self._for(message, result)
+            for call, result in zip(calls, results, strict=True)
+            for message in call
+        }
+        return [by_id[id(m)] for m in messages]

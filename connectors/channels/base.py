@@ -349,6 +349,60 @@ class ChannelAdapter(abc.ABC):
         pass
 
 
+def batch_max_option(channel: Channel, most: int) -> int:
+    """The channel option `batch_max`: how many messages one request may carry (1: a request each), at
+    most what the provider's API takes in one call."""
+    try:
+        value = int(channel.options.get("batch_max", "1"))
+    except ValueError:
+        raise ValueError(f"channel {channel.id!r}: batch_max must be a whole number") from None
+    if not 1 <= value <= most:
+        raise ValueError(f"channel {channel.id!r}: batch_max must be between 1 and {most}")
+    return value
+
+
+class LoopTurnBatches:
+    """The sends made in the same turn of the event loop, handed to `send_many` as one list (a request
+    to a provider API that takes many recipients) when the turn ends or `most` are waiting. Each sender
+    still gets its own result, in order; a failure of the whole call reaches every sender in it."""
+
+    def __init__(self, most: int, send_many: Callable[[list[RenderedMessage]], Awaitable[list[DeliveryResult]]]):
+        self.most, self.send_many = most, send_many
+        self._waiting: list[tuple[RenderedMessage, asyncio.Future]] = []
+        self._flush_soon: asyncio.Handle | None = None
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._waiting.append((message, done))
+        if len(self._waiting) >= self.most:
+            self._flush()
+        elif self._flush_soon is None:
+            self._flush_soon = loop.call_soon(self._flush)
+        return await done
+
+    def _flush(self) -> None:
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        batch, self._waiting = self._waiting, []
+        if batch:
+            task = asyncio.ensure_future(self._send(batch))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # results reach each caller
+
+    async def _send(self, batch: list[tuple[RenderedMessage, asyncio.Future]]) -> None:
+        try:
+            results = await self.send_many([m for m, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiting sender must hear, whatever happened
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        for (_, done), result in zip(batch, results, strict=True):
+            if not done.done():
+                done.set_result(result)
+
+
 class HttpAdapter(ChannelAdapter):
     """An adapter that speaks HTTP: one pooled aiohttp session (opened on first use, closed by `close`)."""
 

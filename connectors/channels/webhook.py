@@ -14,7 +14,6 @@ worker's CPU (profiled at 360 msg/s); aiohttp's pooled session costs a fraction 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import time
@@ -26,11 +25,13 @@ from connectors.channels.base import (
     DeliveryResult,
     HttpAdapter,
     Limits,
+    LoopTurnBatches,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
+    batch_max_option,
     malformed,
     rejected,
 )
@@ -38,6 +39,8 @@ from schemas.config import Channel
 from schemas.models import RenderedMessage
 
 SIGNATURE_HEADER = "X-Loopcast-Signature"
+# Our own receivers' limit for one request (a receiver may take fewer: set batch_max to its limit).
+BATCH_MOST = 10_000
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -127,12 +130,8 @@ class WebhookAdapter(HttpAdapter):
         if channel.url is None:
             raise ValueError(f"channel {channel.id!r}: the webhook provider needs a url")
         self.url = str(channel.url)
-        try:
-            self.batch_max = int(channel.options.get("batch_max", "1"))
-        except ValueError:
-            raise ValueError(f"channel {channel.id!r}: batch_max must be a whole number") from None
-        self._waiting: list[tuple[RenderedMessage, asyncio.Future]] = []
-        self._flush_soon: asyncio.Handle | None = None
+        self.batch_max = batch_max_option(channel, BATCH_MOST)
+        self.batches = LoopTurnBatches(self.batch_max, self._batch_results)
 
     def _post(self, body: bytes, idempotency_key: str):
         headers = {
@@ -145,7 +144,7 @@ class WebhookAdapter(HttpAdapter):
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         if self.batch_max > 1:
-            return await self._join_batch(message)
+            return await self.batches.send(message)
         answer = await self._post(payload(message), message.message_id)
         if isinstance(answer, DeliveryResult):
             return answer
@@ -155,39 +154,6 @@ class WebhookAdapter(HttpAdapter):
             return accepted(str(orjson.loads(answer.text)["id"]), answer.text)
         except (ValueError, KeyError, TypeError):
             return malformed(answer.text, retryable=True)  # the receiver dedups by Idempotency-Key
-
-    async def _join_batch(self, message: RenderedMessage) -> DeliveryResult:
-        """Wait with the other sends of this loop turn; the batch goes when full or on the next turn."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._waiting.append((message, done))
-        if len(self._waiting) >= self.batch_max:
-            self._flush()
-        elif self._flush_soon is None:
-            self._flush_soon = loop.call_soon(self._flush)
-        return await done
-
-    def _flush(self) -> None:
-        if self._flush_soon is not None:
-            self._flush_soon.cancel()
-            self._flush_soon = None
-        batch, self._waiting = self._waiting, []
-        if batch:
-            task = asyncio.ensure_future(self._send_batch(batch))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # results reach each caller
-
-    async def _send_batch(self, batch: list[tuple[RenderedMessage, asyncio.Future]]) -> None:
-        messages = [m for m, _ in batch]
-        try:
-            results = await self._batch_results(messages)
-        except Exception as exc:  # noqa: BLE001 - every waiting sender must hear, whatever happened
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for (_, done), result in zip(batch, results, strict=True):
-            if not done.done():
-                done.set_result(result)
 
     async def _batch_results(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
         ids = "\x1f".join(m.message_id for m in messages)

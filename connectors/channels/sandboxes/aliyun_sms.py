@@ -1,6 +1,7 @@
-"""Sandbox for Aliyun dysmsapi SendSms: recomputes the RPC signature from the same credentials, refuses stale
-timestamps and reused nonces, answers business errors as HTTP 200 with Aliyun's codes, and pushes SmsReport
-arrays to Loopcast's receipt URL with the shared token (Aliyun's push itself is unsigned)."""
+"""Sandbox for Aliyun dysmsapi SendSms and SendBatchSms: recomputes the RPC signature from the same
+credentials, refuses stale timestamps and reused nonces, answers business errors as HTTP 200 with Aliyun's
+codes, and pushes SmsReport arrays to Loopcast's receipt URL with the shared token (Aliyun's push itself is
+unsigned)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from connectors.channels.aliyun_sms import API_VERSION, rpc_signature
+from connectors.channels.aliyun_sms import API_VERSION, BATCH_MOST, rpc_signature
 from connectors.channels.sandboxes.core import Received, Sandbox, SandboxContext
 
 PHONE = re.compile(r"^(\+|00)?\d{7,15}$")
@@ -52,10 +53,10 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
     receipt_url = f"{ctx.receipt_url}{separator}token={quote(credentials.receipt_token.get_secret_value(), safe='')}"
     nonces: dict[str, float] = {}
 
-    async def send_receipt(item: Received, status: str) -> None:
+    def report(item: Received, status: str) -> dict:
         ok = status == "delivered"
         now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
-        report = {
+        return {
             "phone_number": item.body["PhoneNumbers"],
             "send_time": now,
             "report_time": now,
@@ -66,11 +67,19 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
             "biz_id": item.provider_message_id,
             "out_id": item.body.get("message_id") or "",
         }
-        body = json.dumps([report], ensure_ascii=False).encode()
+
+    async def push(reports: list[dict]) -> None:
+        body = json.dumps(reports, ensure_ascii=False).encode()
         headers = {"Content-Type": "application/json"}
         async with box.client().post(receipt_url, data=body, headers=headers) as response:
             if response.status >= 300:
                 raise RuntimeError(f"SmsReport push answered {response.status}")
+
+    async def send_receipt(item: Received, status: str) -> None:
+        await push([report(item, status)])
+
+    async def send_receipts(fates: list[tuple[Received, str]]) -> None:
+        await push([report(item, status) for item, status in fates])
 
     def authenticate(params: dict[str, str], method: str) -> web.Response | None:
         given = params.pop("Signature", None)
@@ -104,8 +113,11 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
         injected = await box.inject(answer)
         if injected is not None:
             return injected
-        if params.get("Action") != "SendSms" or params.get("Version") != API_VERSION:
+        action = params.get("Action")
+        if action not in ("SendSms", "SendBatchSms") or params.get("Version") != API_VERSION:
             return error("InvalidAction.NotFound", "Specified api is not found, please check your url and method.", 404)
+        if action == "SendBatchSms":
+            return send_batch(params)
         for name in ("PhoneNumbers", "SignName", "TemplateCode"):
             if not params.get(name):
                 return error(f"Missing{name}", f"{name} is mandatory for this action.", 400)
@@ -129,11 +141,56 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
             "sms_size": segments(content),
         }
         item = box.record(body, None)
-        # BizIds look like "900619746936498440^0": digits, then the part index.
-        item.provider_message_id = f"{9_006_197_469_364_000 + int(item.provider_message_id.rsplit('-', 1)[1])}^0"
+        item.provider_message_id = biz_id(item)
         box.schedule_receipt(item, send_receipt)
-        return web.json_response(
-            {"Message": "OK", "RequestId": str(uuid.uuid4()).upper(), "Code": "OK", "BizId": item.provider_message_id}
-        )
+        return ok(item.provider_message_id)
+
+    def send_batch(params: dict[str, str]) -> web.Response:
+        """Per recipient a number, a signature and the template's variables; one BizId for the call."""
+        for name in ("PhoneNumberJson", "SignNameJson", "TemplateCode"):
+            if not params.get(name):
+                return error(f"Missing{name}", f"{name} is mandatory for this action.", 400)
+        try:
+            numbers = json.loads(params["PhoneNumberJson"])
+            signs = json.loads(params["SignNameJson"])
+            variables = json.loads(params.get("TemplateParamJson") or "null") or [{}] * len(numbers)
+            if not all(isinstance(x, list) for x in (numbers, signs, variables)):
+                raise ValueError
+            if not all(isinstance(v, dict) and all(isinstance(s, str) for s in v.values()) for v in variables):
+                raise ValueError
+        except ValueError:
+            return error("isv.INVALID_JSON_PARAM", "JSON参数不合法，只接受字符串值")
+        if not len(numbers) == len(signs) == len(variables):
+            return error("isv.INVALID_PARAMETERS", "号码、签名与模板变量的个数不一致")
+        if len(numbers) > BATCH_MOST:
+            return error("isv.MOBILE_COUNT_OVER_LIMIT", f"手机号码个数超过上限{BATCH_MOST}")
+        if not all(isinstance(n, str) and PHONE.match(n) for n in numbers):
+            return error("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号")
+        if not TEMPLATE.match(params["TemplateCode"]):
+            return error("isv.SMS_TEMPLATE_ILLEGAL", "该账号下找不到对应模板")
+        items = []
+        for number, sign, values in zip(numbers, signs, variables, strict=True):
+            body = {
+                "message_id": None,  # SendBatchSms has no per-recipient OutId
+                "PhoneNumbers": number,
+                "SignName": sign,
+                "TemplateCode": params["TemplateCode"],
+                "TemplateParam": values,
+                "sms_size": segments(f"【{sign}】" + "".join(values.values())),
+                "batch": True,
+            }
+            items.append(box.record(body, None))
+        shared = biz_id(items[0])
+        for item in items:
+            item.provider_message_id = shared
+        box.schedule_receipts(items, send_receipts)
+        return ok(shared)
+
+    def biz_id(item: Received) -> str:
+        # BizIds look like "900619746936498440^0": digits, then the part index.
+        return f"{9_006_197_469_364_000 + int(item.provider_message_id.rsplit('-', 1)[1])}^0"
+
+    def ok(biz: str) -> web.Response:
+        return web.json_response({"Message": "OK", "RequestId": str(uuid.uuid4()).upper(), "Code": "OK", "BizId": biz})
 
     return [web.post("/", rpc), web.get("/", rpc)]

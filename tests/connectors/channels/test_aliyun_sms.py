@@ -52,7 +52,7 @@ def test_cases(case: str, tmp_path) -> None:
     if case == "throttled":
         assert result.retry_after_s == 60  # 分钟级流控: the minute window, not the gateway's Retry-After
     if case == "success":
-        assert result.provider_message_id.endswith("^0")
+        assert result.provider_message_id.endswith(f"^0:{PHONE}")  # the call's BizId and the number
         [arrived] = box.received
         assert arrived.body["message_id"] == "m1" and arrived.body["PhoneNumbers"] == PHONE
         assert arrived.body["TemplateParam"] == {"content": "你好 — only 3 left"}
@@ -78,11 +78,76 @@ def test_receipt_correlates_and_the_token_is_checked_both_ways(tmp_path) -> None
     assert arrived["TemplateParam"] == {"msg": "限时特惠 回T退订"}
 
 
+BATCH = {**OPTIONS, "batch_max": "100"}
+
+
+def test_a_batch_goes_as_one_call_with_each_recipients_number_and_words(tmp_path) -> None:
+    numbers = [f"1380013800{i}" for i in range(5)]
+
+    async def run():
+        async with ProviderHarness("aliyun-sms", tmp_path) as h:
+            adapter = h.adapter(format="sms-cn", options=BATCH)
+            messages = [h.message(message_id=f"m{i}", address=n, body=f"你好 {i}") for i, n in enumerate(numbers)]
+            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            receipts = await h.receipts(len(numbers))
+            return results, receipts, [r.body for r in h.box.received], {r.provider_message_id for r in h.box.received}
+
+    results, receipts, arrived, biz_ids = asyncio.run(run())
+    assert all(r.status is DeliveryStatus.accepted for r in results)
+    [biz_id] = biz_ids  # one SendBatchSms call: one BizId
+    assert [r.provider_message_id for r in results] == [f"{biz_id}:{n}" for n in numbers]
+    assert [(a["PhoneNumbers"], a["TemplateParam"], a["batch"]) for a in arrived] == [
+        (n, {"content": f"你好 {i}"}, True) for i, n in enumerate(numbers)
+    ]
+    # Each report finds its own message.
+    assert sorted(r.provider_message_id for r in receipts) == sorted(r.provider_message_id for r in results)
+
+
+def test_a_number_twice_in_one_turn_goes_in_two_calls(tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("aliyun-sms", tmp_path) as h:
+            adapter = h.adapter(format="sms-cn", options=BATCH)
+            same = ["13800138000", "+8613800138000", "13900139000"]
+            messages = [h.message(message_id=f"m{i}", address=n) for i, n in enumerate(same)]
+            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+
+    results, arrived = asyncio.run(run())
+    ids = [r.provider_message_id for r in results]
+    assert len(set(ids)) == 3 and len({r.provider_message_id for r in arrived}) == 2
+    # The repeated number (the same one, with +86) went alone, as SendSms with its OutId.
+    assert [a.body.get("batch", False) for a in arrived].count(True) == 2
+    assert any(a.body["message_id"] == "m1" for a in arrived)
+
+
+def test_a_refused_batch_fails_every_message_in_it(tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("aliyun-sms", tmp_path) as h:
+            h.box.faults = h.box.faults.model_copy(update={"throttle_rate": 1.0})
+            adapter = h.adapter(format="sms-cn", options=BATCH)
+            messages = [h.message(message_id=f"m{i}", address=f"1380013800{i}") for i in range(3)]
+            return await asyncio.gather(*(adapter.send(m) for m in messages))
+
+    results = asyncio.run(run())
+    assert [(r.status, r.error_code, r.retryable) for r in results] == [
+        (DeliveryStatus.failed, "isv.BUSINESS_LIMIT_CONTROL", True)
+    ] * 3
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", ["0", "101", "many"])
+def test_batch_max_is_what_sendbatchsms_takes(value: str) -> None:
+    channel = Channel(id="ch", provider="aliyun-sms", format="sms-cn", options={**OPTIONS, "batch_max": value})
+    with pytest.raises(ValueError, match="batch_max"):
+        AliyunSmsAdapter(channel, AliyunSmsAdapter.Credentials())
+
+
 @pytest.mark.unit
 def test_receipt_token_and_shape() -> None:
     credentials = AliyunSmsAdapter.Credentials()
     token = credentials.receipt_token.get_secret_value()
-    report = [{"biz_id": "1^0", "success": True, "err_code": "DELIVERED", "out_id": "m1"}]
+    report = [
+        {"biz_id": "1^0", "phone_number": "13800138000", "success": True, "err_code": "DELIVERED", "out_id": "m1"}
+    ]
     body = json.dumps(report).encode()
     base = "http://127.0.0.1/receipts/aliyun-sms"
     for url, query in ((base, {}), (f"{base}?token=wrong", {"token": "wrong"})):
@@ -90,7 +155,7 @@ def test_receipt_token_and_shape() -> None:
             AliyunSmsAdapter.parse_receipts(credentials, ReceiptRequest("POST", url, {}, body, query))
         assert refused.value.status == 401
     [receipt] = AliyunSmsAdapter.parse_receipts(credentials, ReceiptRequest("POST", f"{base}?token={token}", {}, body))
-    assert (receipt.provider_message_id, receipt.delivered) == ("1^0", True)
+    assert (receipt.provider_message_id, receipt.delivered) == ("1^0:13800138000", True)
     with pytest.raises(ReceiptRejected) as malformed:
         AliyunSmsAdapter.parse_receipts(credentials, ReceiptRequest("POST", base, {}, b"{}", {"token": token}))
     assert malformed.value.status == 400
