@@ -68,6 +68,8 @@ class Settings(BaseSettings):
         from infra.workers import default_processes
 
         return self.worker_processes or default_processes()
+    # How much lower the warehouse owner's CPU priority is than the sending processes' (nice; 0: the same).
+    owner_nice: int = Field(default=10, ge=0, le=19)
     partitions: int = 4
     # The most records a stage takes at once (dispatch and feedback four times as many). A batch closes
     # when nothing more is queued, so this only matters under load, where each batch's round trips

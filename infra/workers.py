@@ -32,7 +32,7 @@ def default_processes(stages: Sequence[StageSpec] | None = None) -> int:
     core stayed partly idle while the sending process was saturated (bench, 2 cores: 3.6k msg/s with
     two processes, 4.0k with three)."""
     plan = layout(stages if stages is not None else select(None), 2)
-    return cores() + 1 if cores() > 1 and len(plan) == 2 and plan[0] != plan[1] else cores()
+    return cores() + 1 if cores() > 1 and owner_of(plan) is not None else cores()
 
 
 def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:
@@ -62,14 +62,36 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(stages: Sequence[StageSpec], processes: int, loglevel: str) -> int:
+def child_setup(niceness: int):
+    """What a worker process does before it runs: die with the supervisor, take its CPU priority (before
+    any thread starts, so every thread inherits it)."""
+
+    def prepare() -> None:
+        _die_with_parent()
+        if niceness:
+            os.nice(niceness)
+
+    return prepare
+
+
+def owner_of(plan: list[list[str]]) -> int | None:
+    """The process of the plan that runs the warehouse apart from the sending stages, if one does."""
+    return 0 if len(plan) > 1 and plan[0] != plan[1] else None
+
+
+def supervise(stages: Sequence[StageSpec], processes: int, loglevel: str, owner_nice: int = 0) -> int:
+    """`owner_nice`: how much lower the warehouse owner's CPU priority is than the sending processes'
+    (its threads too, chDB's merges among them): reports can catch up, a send cannot wait. After a burst
+    the owner's inserts and merges took both cores for 50-100 ms at a time, and every hop stalled."""
     plan = layout(stages, processes)
+    owner = owner_of(plan)
 
-    def start(names: list[str]) -> subprocess.Popen:
+    def start(index: int) -> subprocess.Popen:
         argv = [sys.executable, "-m", "console", "worker", "--processes", "1", "--loglevel", loglevel]
-        return subprocess.Popen([*argv, "--stages", ",".join(names)], preexec_fn=_die_with_parent)
+        prepare = child_setup(owner_nice if index == owner else 0)
+        return subprocess.Popen([*argv, "--stages", ",".join(plan[index])], preexec_fn=prepare)
 
-    children = [start(names) for names in plan]
+    children = [start(i) for i in range(len(plan))]
     stopping = False
 
     def stop(signum, frame) -> None:
@@ -90,7 +112,7 @@ def supervise(stages: Sequence[StageSpec], processes: int, loglevel: str) -> int
                 break
             restarts += 1
             log.warning("worker process %d exited with code %s; starting it again", i, code)
-            children[i] = start(plan[i])
+            children[i] = start(i)
         time.sleep(0.2)  # a supervisor's poll, not synchronisation
     for child in children:
         if child.poll() is None:

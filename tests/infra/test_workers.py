@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from infra.workers import layout
@@ -49,3 +51,29 @@ def test_by_default_a_sending_process_per_core_beside_the_warehouse_owner(count:
     assert infra.workers.default_processes(select(list(BULK_LANE))) == count + owner
     # Nothing of the owner's: no process for it.
     assert infra.workers.default_processes(select(list(URGENT_LANE))) == count
+
+
+def test_only_a_separate_warehouse_owner_is_named() -> None:
+    from infra.workers import owner_of
+
+    assert owner_of(layout(select(None), 3)) == 0
+    assert owner_of(layout(select(None), 1)) is None
+    assert owner_of(layout(select(list(URGENT_LANE)), 2)) is None
+
+
+def test_a_worker_process_starts_at_its_priority() -> None:
+    import subprocess
+    import sys
+
+    from infra.workers import child_setup
+
+    def niceness(value: int) -> int:
+        shown = subprocess.run(
+            [sys.executable, "-c", "import os, threading; t = threading.Thread(target=lambda: None); t.start();"
+             "print(os.nice(0))"], preexec_fn=child_setup(value), capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(shown.stdout)
+
+    base = os.nice(0)
+    assert niceness(0) == base
+    assert niceness(10) == min(19, base + 10)
