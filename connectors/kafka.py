@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import weakref
 from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -106,6 +107,17 @@ def _index_of(key: bytes, count: int) -> int:
 
 
 _PLACE = DefaultPartitioner()
+# One writer of whole record batches per producer and partition at a time. aiokafka's send_batch waits
+# for the partition's queued batch to be drained, and with many waiters its timeout runs out for them all
+# (its elapsed time is subtracted again on every lap): 400 receipt callbacks at once to one partition
+# failed with KafkaTimeoutError. Taking turns here, each waits one short drain.
+_TURNS: weakref.WeakKeyDictionary[AIOKafkaProducer, dict[TopicPartition, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+async def _send_batch(producer: AIOKafkaProducer, batch, topic: str, partition: int) -> asyncio.Future:
+    turn = _TURNS.setdefault(producer, {}).setdefault(TopicPartition(topic, partition), asyncio.Lock())
+    async with turn:
+        return await producer.send_batch(batch, topic, partition=partition)
 
 
 async def send_keyed(
@@ -128,14 +140,14 @@ async def send_keyed(
         for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:
                 batch.close()
-                acks.append(await producer.send_batch(batch, topic, partition=partition))
+                acks.append(await _send_batch(producer, batch, topic, partition))
                 batch = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
                     # Larger than a whole batch: send says why (MessageSizeTooLargeError).
                     acks.append(await producer.send(topic, value, key=key, partition=partition))
         batch.close()
         if batch.record_count():
-            acks.append(await producer.send_batch(batch, topic, partition=partition))
+            acks.append(await _send_batch(producer, batch, topic, partition))
     return acks
 
 
