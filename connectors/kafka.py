@@ -1,5 +1,5 @@
-"""Small Kafka helpers for the edges of the loop (CLI, demo, benchmark, tests): batched produce
-and reading a topic to its current end. Stages use Faust instead."""
+"""Small Kafka helpers: batched produce (every stage's output and the receipts go through send_keyed),
+reading a topic to its current end, group lag, and skipping a backlog (CLI, demo, benchmark, tests)."""
 
 from __future__ import annotations
 

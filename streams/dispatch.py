@@ -156,9 +156,8 @@ async def deliver(rt, out, message: RenderedMessage) -> None:
             pending = Outcome.of(
                 message, OutcomeCode.retrying, "dispatch", f"attempt {attempt} in {wait_s:.1f} s", attempt=attempt - 1
             )
-            rt.handed_over.remember(claim, encode(pending))
-            if not tried:
-                out.outcome(pending)  # after a send, that send's own `retrying` outcome already says it
+            # After a send, that send's own `retrying` outcome already says it: this one is only remembered.
+            rt.handed_over.remember(claim, encode(pending) if tried else out.outcome(pending))
             return
         try:
             adapter = rt.adapter(channel.id, index)
