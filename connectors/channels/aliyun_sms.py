@@ -10,7 +10,6 @@ carries the same number twice.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -25,19 +24,21 @@ from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
     DeliveryResult,
-    DeliveryStatus,
     HttpAdapter,
     Limits,
     LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
+    as_messages,
     batch_max_option,
     batched_receipts,
+    calls_of,
     malformed,
     query_value,
     rejected,
     require_secret,
+    results_of_calls,
     root_url,
 )
 from schemas.config import Channel
@@ -85,21 +86,6 @@ def number_key(phone: str) -> str:
 def message_key(biz_id: str, phone: str) -> str:
     """A message's provider id: the call's BizId and the recipient's number (a batch shares its BizId)."""
     return f"{biz_id}:{number_key(phone)}"
-
-
-def rounds(messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
-    """The messages as calls in which no number comes twice (their reports could not be told apart)."""
-    calls: list[list[RenderedMessage]] = []
-    numbers: list[set[str]] = []
-    for message in messages:
-        key = number_key(message.address)
-        index = next((i for i, taken in enumerate(numbers) if key not in taken), len(calls))
-        if index == len(calls):
-            calls.append([])
-            numbers.append(set())
-        calls[index].append(message)
-        numbers[index].add(key)
-    return calls
 
 
 def flow_control_wait(message: str) -> float | None:
@@ -229,25 +215,20 @@ class AliyunSmsAdapter(HttpAdapter):
         return accepted(biz_id, text) if isinstance(biz_id, str) and biz_id else malformed(text)
 
     @staticmethod
-    def _for(message: RenderedMessage, result: DeliveryResult) -> DeliveryResult:
-        if result.status is not DeliveryStatus.accepted:
-            return result
-        return accepted(message_key(result.provider_message_id, message.address), result.raw)
+    def _provider_id(biz_id: str, message: RenderedMessage) -> str:
+        return message_key(biz_id, message.address)
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
         if self.batch_max > 1:
             return await self.batches.send(message)
-        return self._for(message, await self._call(self.params(message)))
+        [result] = await self._send_call([message])
+        return result
 
     async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        calls = calls_of(messages, kind=lambda m: "sms", key=lambda m: number_key(m.address))
+        return await results_of_calls(messages, calls, self._send_call)
+
+    async def _send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
         # A lone message goes as SendSms: its report carries its OutId, and nothing waits for the batch path.
-        calls = rounds(messages)
-        results = await asyncio.gather(
-            *(self._call(self.params(c[0]) if len(c) == 1 else self.batch_params(c)) for c in calls)
-        )
-        by_id = {
-            id(message): self._for(message, result)
-            for call, result in zip(calls, results, strict=True)
-            for message in call
-        }
-        return [by_id[id(m)] for m in messages]
+        params = self.params(call[0]) if len(call) == 1 else self.batch_params(call)
+        return as_messages(call, await self._call(params), self._provider_id)

@@ -403,6 +403,59 @@ class LoopTurnBatches:
                 done.set_result(result)
 
 
+def calls_of(
+    messages: list[RenderedMessage],
+    kind: Callable[[RenderedMessage], Any],
+    key: Callable[[RenderedMessage], str] | None = None,
+) -> list[list[RenderedMessage]]:
+    """A loop turn's messages as provider calls: those of one `kind` together (a call has one shape: one
+    template, one set of parts), a message whose kind is None alone, and never the same `key` (a number, an
+    address) twice in one call, where the provider would refuse it or its reports could not be told apart."""
+    calls: list[list[RenderedMessage]] = []
+    open_calls: dict[Any, list[tuple[list[RenderedMessage], set[str]]]] = {}
+    for message in messages:
+        shape = kind(message)
+        if shape is None:
+            calls.append([message])
+            continue
+        taken_key = key(message) if key else ""
+        rounds = open_calls.setdefault(shape, [])
+        free = next((c for c in rounds if not key or taken_key not in c[1]), None)
+        if free is None:
+            free = ([], set())
+            rounds.append(free)
+            calls.append(free[0])
+        free[0].append(message)
+        free[1].add(taken_key)
+    return calls
+
+
+def as_messages(
+    call: list[RenderedMessage], result: DeliveryResult, provider_id: Callable[[str, RenderedMessage], str]
+) -> list[DeliveryResult]:
+    """One answer to a whole call as each of its messages' results: where the provider names the call (one
+    id for all), an accepted message's id is `provider_id(the call's id, the message)`."""
+    if result.status is not DeliveryStatus.accepted:
+        return [result] * len(call)
+    return [accepted(provider_id(result.provider_message_id, m), result.raw) for m in call]
+
+
+async def results_of_calls(
+    messages: list[RenderedMessage],
+    calls: list[list[RenderedMessage]],
+    call: Callable[[list[RenderedMessage]], Awaitable[list[DeliveryResult]]],
+) -> list[DeliveryResult]:
+    """Each message's result, in the order of `messages`, when they go as `calls` at once (`call` answers one
+    result per message of its call, in order)."""
+    answers = await asyncio.gather(*(call(c) for c in calls))
+    by_message = {
+        id(message): result
+        for sent, results in zip(calls, answers, strict=True)
+        for message, result in zip(sent, results, strict=True)
+    }
+    return [by_message[id(m)] for m in messages]
+
+
 class HttpAdapter(ChannelAdapter):
     """An adapter that speaks HTTP: one pooled aiohttp session (opened on first use, closed by `close`)."""
 

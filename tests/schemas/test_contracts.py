@@ -203,4 +203,3 @@ def test_a_trusted_record_is_the_same_model_as_a_validated_one(sample: BaseModel
     # Enum fields are the enums, as validation would make them.
     for name, value in sample:
         assert type(getattr(taken, name)) is type(value)
-
