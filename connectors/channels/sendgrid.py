@@ -1,12 +1,19 @@
 """Twilio SendGrid v3 Mail Send: 202 with an empty body, the id only in the X-Message-Id header.
 Event Webhook receipts are signed with ECDSA (P-256, SHA-256 over timestamp + raw body) and name
-the message as "<X-Message-Id>.<filter suffix>", so we correlate by the part before the first dot.
+the message as "<X-Message-Id>.<filter suffix>"; our custom arg `message_id` comes back on every event.
+
+With the channel option `batch_max` (2-1000) the messages being sent at the same moment go as one
+Mail Send request: one personalization per message (its own recipient, subject, headers and custom
+args), the text and html bodies as its substitutions for tags in the shared content. One request
+answers one X-Message-Id for all, so a message's provider id is "<X-Message-Id>:<message_id>" (for a
+single send too). Messages that cannot share a request go in another: html with html only, an
+address once per request (SendGrid refuses repeats), and a message without a subject or body, or
+whose bodies pass the 10,000-byte substitutions limit, alone as an ordinary send.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import time
 from email.utils import parseaddr
 
@@ -19,13 +26,19 @@ from connectors.channels.base import (
     DeliveryResult,
     HttpAdapter,
     Limits,
+    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
+    as_messages,
     bad_signature,
+    batch_max_option,
     batched_receipts,
+    calls_of,
     http_failure,
     malformed,
+    message_extra,
+    results_of_calls,
 )
 from connectors.channels.devkeys import dev_private_key, public_key_pem
 from schemas.config import Channel
@@ -40,6 +53,14 @@ RESERVED_HEADERS = frozenset(
     {"x-sg-id", "x-sg-eid", "received", "dkim-signature", "content-type", "content-transfer-encoding", "to", "from"}
     | {"subject", "reply-to", "cc", "bcc"}
 )
+# Mail Send takes at most this many personalizations in one request.
+BATCH_MOST = 1000
+# Substitutions (tags and values, UTF-8) are limited to this many bytes per personalization.
+SUBSTITUTIONS_MOST = 10_000
+# A batch's shared content is these tags, each personalization substituting its own bodies; the
+# random-looking part keeps copy from ever containing one by chance.
+TEXT_TAG = "-loopcast-text-6d2f91-"
+HTML_TAG = "-loopcast-html-6d2f91-"
 
 
 def load_public_key(text: str) -> ec.EllipticCurvePublicKey:
@@ -72,28 +93,95 @@ def verify_events(public_key: str, body: bytes, signature: str | None, timestamp
     return True
 
 
-def mail_body(message: RenderedMessage, sender: tuple[str, str]) -> dict:
-    extra = json.loads(message.extra) if message.extra else {}
+def extra_headers(message: RenderedMessage) -> dict[str, str]:
+    """The copy engine's extra headers (List-Unsubscribe …), less those SendGrid refuses or sets itself."""
+    given = message_extra(message).get("headers")
+    if not isinstance(given, dict):
+        return {}
+    return {str(k): str(v) for k, v in given.items() if v and str(k).lower() not in RESERVED_HEADERS}
+
+
+def sender_object(sender: tuple[str, str]) -> dict:
     name, address = sender
+    return {"email": address, **({"name": name} if name else {})}
+
+
+def mail_body(message: RenderedMessage, sender: tuple[str, str]) -> dict:
     content = [{"type": "text/plain", "value": message.body}]  # text/plain must come first
     if message.html:
         content.append({"type": "text/html", "value": message.html})
     body: dict = {
         "personalizations": [{"to": [{"email": message.address}], "custom_args": {"message_id": message.message_id}}],
-        "from": {"email": address, **({"name": name} if name else {})},
+        "from": sender_object(sender),
         "subject": message.title or "",
         "content": content,
     }
-    headers = {
-        str(k): str(v) for k, v in (extra.get("headers") or {}).items() if v and k.lower() not in RESERVED_HEADERS
-    }
+    headers = extra_headers(message)
     if headers:
         body["headers"] = headers
     return body
 
 
+def substitutions(message: RenderedMessage) -> dict[str, str]:
+    values = {TEXT_TAG: message.body}
+    if message.html:
+        values[HTML_TAG] = message.html
+    return values
+
+
+def substitutions_size(values: dict[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in values.items())
+
+
+def shareable(message: RenderedMessage) -> bool:
+    """Whether the message may go as one personalization of many. One without a subject or body goes
+    alone, so SendGrid's refusal of it is its own and not the whole request's."""
+    return bool(message.title and message.body) and substitutions_size(substitutions(message)) <= SUBSTITUTIONS_MOST
+
+
+def personalization(message: RenderedMessage) -> dict:
+    entry: dict = {
+        "to": [{"email": message.address}],
+        "subject": message.title,
+        "custom_args": {"message_id": message.message_id},
+        "substitutions": substitutions(message),
+    }
+    headers = extra_headers(message)
+    if headers:
+        entry["headers"] = headers
+    return entry
+
+
+def batch_body(messages: list[RenderedMessage], sender: tuple[str, str]) -> dict:
+    """One request for many messages of one kind (all with html, or none): the content is the tags."""
+    content = [{"type": "text/plain", "value": TEXT_TAG}]
+    if messages[0].html:
+        content.append({"type": "text/html", "value": HTML_TAG})
+    return {
+        "personalizations": [personalization(m) for m in messages],
+        "from": sender_object(sender),
+        "content": content,
+    }
+
+
+def mail_sends(messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+    """The messages as requests: one kind of content each, no address twice in one (SendGrid refuses
+    the request), and a message that cannot share one alone."""
+    return calls_of(
+        messages,
+        kind=lambda m: bool(m.html) if shareable(m) else None,
+        key=lambda m: m.address.strip().lower(),
+    )
+
+
+def message_key(x_message_id: str, message_id: str) -> str:
+    """A message's provider id: the request's X-Message-Id and our message_id (a batch shares the former)."""
+    return f"{x_message_id}:{message_id}"
+
+
 class SendgridAdapter(HttpAdapter):
-    """Options: `from` (an RFC 5322 mailbox of a verified sender; default "<brand> <no-reply@example.com>").
+    """Options: `from` (an RFC 5322 mailbox of a verified sender; default "<brand> <no-reply@example.com>"),
+    `batch_max` (1-1000, default 1: how many messages one Mail Send request may carry).
 
     Receipts: delivered → delivered; bounce and dropped → undelivered (error code = the bounce
     classification or reason); processed, deferred, open, click … are not terminal and are ignored.
@@ -135,7 +223,11 @@ class SendgridAdapter(HttpAdapter):
             kind = event["event"]
             if kind not in ("delivered", "bounce", "dropped"):
                 return None  # processed, deferred, open, click: not a final delivery report
-            provider_id = str(event["sg_message_id"]).split(".", 1)[0]
+            x_message_id = str(event["sg_message_id"]).split(".", 1)[0]
+            # Custom args come back as top-level fields; an event without ours names a message sent
+            # before provider ids carried the message_id (the X-Message-Id alone).
+            message_id = event.get("message_id")
+            provider_id = message_key(x_message_id, str(message_id)) if message_id else x_message_id
             error = None if kind == "delivered" else str(event.get("type") or event.get("reason") or kind)
             return Receipt(provider_message_id=provider_id, delivered=kind == "delivered", error_code=error)
 
@@ -156,10 +248,29 @@ class SendgridAdapter(HttpAdapter):
             )
         self.sender = (name, address)
         self.url = f"{str(channel.url or API_ROOT).rstrip('/')}/v3/mail/send"
+        self.batch_max = batch_max_option(channel, BATCH_MOST)
+        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
+        if self.batch_max > 1:
+            return await self.batches.send(message)
+        [result] = await self._send_call([message])
+        return result
+
+    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        return await results_of_calls(messages, mail_sends(messages), self._send_call)
+
+    async def _send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
+        # A lone message goes as an ordinary send: nothing to share, and no tags to substitute.
+        body = mail_body(call[0], self.sender) if len(call) == 1 else batch_body(call, self.sender)
+        return as_messages(
+            call, await self._post(body), lambda x_message_id, m: message_key(x_message_id, m.message_id)
+        )
+
+    async def _post(self, body: dict) -> DeliveryResult:
+        """One Mail Send request; accepted carries the request's X-Message-Id as its provider id."""
         headers = {"Authorization": f"Bearer {self.credentials.api_key.get_secret_value()}"}
-        answer = await self.request("POST", self.url, json=mail_body(message, self.sender), headers=headers)
+        answer = await self.request("POST", self.url, json=body, headers=headers)
         if isinstance(answer, DeliveryResult):
             return answer
         if not answer.ok:
