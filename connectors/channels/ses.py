@@ -1,6 +1,13 @@
-"""Amazon SES v2 SendEmail, signed with AWS Signature Version 4 (no SDK: one POST does not need boto).
-Delivery and bounce events arrive through SNS HTTP notifications, RSA-signed with a certificate SNS
-names by URL; the receipt parser is synchronous, so the certificate is configured, never fetched.
+"""Amazon SES v2 SendEmail and SendBulkEmail, signed with AWS Signature Version 4 (no SDK: one POST does
+not need boto). Delivery and bounce events arrive through SNS HTTP notifications, RSA-signed with a
+certificate SNS names by URL; the receipt parser is synchronous, so the certificate is configured, never fetched.
+
+With the channel option `batch_max` (2-50) the messages being sent at the same moment go as one SendBulkEmail
+call: an inline template whose subject, text and html are each one variable ({{subject}}, {{text}}, {{html}};
+SES does not HTML-escape what it substitutes), and per recipient an entry with that message's values, its
+message_id tag and its headers. SES answers one result per entry with its own MessageId, so a message's
+provider id and its receipts are the same as through SendEmail. A template has one set of parts: messages
+with an html part go in other calls than those without, and a lone message goes as SendEmail.
 """
 
 from __future__ import annotations
@@ -22,15 +29,22 @@ from pydantic import BaseModel, SecretStr
 from yarl import URL
 
 from connectors.channels.base import (
+    Answer,
     DeliveryResult,
     HttpAdapter,
     Limits,
+    LoopTurnBatches,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
+    batch_max_option,
+    calls_of,
     malformed,
+    message_extra,
+    rejected,
+    results_of_calls,
 )
 from connectors.channels.devkeys import dev_private_key
 from schemas.config import Channel
@@ -39,6 +53,11 @@ from schemas.models import RenderedMessage
 SERVICE = "ses"
 ALGORITHM = "AWS4-HMAC-SHA256"
 SEND_PATH = "/v2/email/outbound-emails"
+BULK_PATH = "/v2/email/outbound-bulk-emails"
+# SendBulkEmail takes at most this many entries in one call.
+BATCH_MOST = 50
+# The most an entry's ReplacementTemplateData may hold: a message longer than that goes alone, as SendEmail.
+TEMPLATE_DATA_MOST = 262_144
 DEV_SNS_KEY = "ses-sns-signing"
 # SES error types worth retrying although they come as 400: quota and rate limits reset.
 RETRYABLE_ERRORS = frozenset(
@@ -48,6 +67,10 @@ RETRYABLE_ERRORS = frozenset(
 RESERVED_HEADERS = frozenset(
     {"from", "to", "cc", "bcc", "subject", "date", "message-id", "content-type", "mime-version"}
 )
+# SendBulkEmail's per-entry statuses that a later try can get past: rate and daily quota reset. The others
+# (MESSAGE_REJECTED, ACCOUNT_SUSPENDED, *_SENDING_PAUSED, INVALID_PARAMETER, FAILED ...) are final, as the
+# matching SendEmail errors are.
+RETRYABLE_STATUSES = frozenset({"ACCOUNT_THROTTLED", "ACCOUNT_DAILY_QUOTA_EXCEEDED", "TRANSIENT_FAILURE"})
 _TAG_VALUE = re.compile(r"[^A-Za-z0-9_.@-]")
 
 
@@ -182,35 +205,102 @@ def dev_certificate(private_pem: str) -> str:
 # --- The adapter ---------------------------------------------------------------------------------
 
 
+def message_headers(message: RenderedMessage) -> list[dict]:
+    """The copy engine's extra headers (List-Unsubscribe ...), less those SES sets itself or refuses."""
+    return [
+        {"Name": str(k), "Value": str(v)}
+        for k, v in (message_extra(message).get("headers") or {}).items()
+        if v and k.lower() not in RESERVED_HEADERS
+    ]
+
+
+def message_tags(message: RenderedMessage) -> list[dict]:
+    # Tag values allow letters, digits, _ - . @ only; our ids are hex already.
+    return [{"Name": "message_id", "Value": _TAG_VALUE.sub("_", message.message_id)[:256]}]
+
+
 def send_body(message: RenderedMessage, sender: str, configuration_set: str | None) -> dict:
-    extra = json.loads(message.extra) if message.extra else {}
     body: dict = {"Text": {"Data": message.body, "Charset": "UTF-8"}}
     if message.html:
         body["Html"] = {"Data": message.html, "Charset": "UTF-8"}
     simple: dict = {"Subject": {"Data": message.title or "", "Charset": "UTF-8"}, "Body": body}
-    headers = [
-        {"Name": str(k), "Value": str(v)}
-        for k, v in (extra.get("headers") or {}).items()
-        if v and k.lower() not in RESERVED_HEADERS
-    ]
+    headers = message_headers(message)
     if headers:
         simple["Headers"] = headers
     request: dict = {
         "FromEmailAddress": sender,
         "Destination": {"ToAddresses": [message.address]},
         "Content": {"Simple": simple},
-        # Tag values allow letters, digits, _ - . @ only; our ids are hex already.
-        "EmailTags": [{"Name": "message_id", "Value": _TAG_VALUE.sub("_", message.message_id)[:256]}],
+        "EmailTags": message_tags(message),
     }
     if configuration_set:
         request["ConfigurationSetName"] = configuration_set
     return request
 
 
+def template_data(message: RenderedMessage) -> str:
+    """A message's values for the bulk template's variables, as the JSON string an entry carries."""
+    data = {"subject": message.title or "", "text": message.body}
+    if message.html:
+        data["html"] = message.html
+    return json.dumps(data, ensure_ascii=False)
+
+
+def bulk_body(messages: list[RenderedMessage], sender: str, configuration_set: str | None) -> dict:
+    """One SendBulkEmail request: the messages share one inline template (all with an html part, or none)."""
+    # Each part is a whole variable, so what arrives is each message as rendered; SES substitutes without
+    # HTML-escaping. The default data is empty on purpose: every entry carries its own values, and no
+    # message could ever fall back to another's words.
+    content = {"Subject": "{{subject}}", "Text": "{{text}}"}
+    if messages[0].html:
+        content["Html"] = "{{html}}"
+    entries = []
+    for message in messages:
+        entry: dict = {
+            "Destination": {"ToAddresses": [message.address]},
+            "ReplacementEmailContent": {"ReplacementTemplate": {"ReplacementTemplateData": template_data(message)}},
+            "ReplacementTags": message_tags(message),
+        }
+        headers = message_headers(message)
+        if headers:
+            entry["ReplacementHeaders"] = headers
+        entries.append(entry)
+    request: dict = {
+        "FromEmailAddress": sender,
+        "DefaultContent": {"Template": {"TemplateContent": content, "TemplateData": "{}"}},
+        "BulkEmailEntries": entries,
+    }
+    if configuration_set:
+        request["ConfigurationSetName"] = configuration_set
+    return request
+
+
+def bulk_calls(messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+    """The messages as calls: one template per call, so those with an html part apart from those without;
+    a message too long for an entry's template data alone (it goes as SendEmail)."""
+    return calls_of(
+        messages, kind=lambda m: bool(m.html) if len(template_data(m).encode()) <= TEMPLATE_DATA_MOST else None
+    )
+
+
+def entry_result(entry: object) -> DeliveryResult:
+    """One BulkEmailEntryResult: SUCCESS with its MessageId, or the entry's Status as the error code."""
+    if not isinstance(entry, dict):
+        raise TypeError("a BulkEmailEntryResult is a JSON object")
+    raw = json.dumps(entry, ensure_ascii=False)
+    status, message_id = entry.get("Status"), entry.get("MessageId")
+    if status == "SUCCESS":
+        return accepted(str(message_id), raw) if message_id else malformed(raw)
+    if not isinstance(status, str) or not status:
+        return malformed(raw)  # whether it was sent is unknown: never twice wins
+    return rejected(status, raw, retryable=status in RETRYABLE_STATUSES)
+
+
 class SesAdapter(HttpAdapter):
     """Options: `region` (default us-east-1; the API root is https://email.<region>.amazonaws.com),
     `from` (a verified identity; default "<brand> <no-reply@example.com>"), `configuration_set` (the
-    one whose event destination publishes Delivery/Bounce events to SNS).
+    one whose event destination publishes Delivery/Bounce events to SNS), `batch_max` (1-50, default 1:
+    more sends the messages of one moment as SendBulkEmail calls of up to that many).
 
     Receipts: SNS Notifications whose Message is an SES event: Delivery → delivered; Bounce, Reject and
     RenderingFailure → undelivered; Send, DeliveryDelay, Open, Click, Complaint … ignored. The signature is
@@ -289,13 +379,17 @@ class SesAdapter(HttpAdapter):
         self.configuration_set = channel.options.get("configuration_set")
         root = str(channel.url) if channel.url else f"https://email.{self.region}.amazonaws.com"
         self.url = f"{root.rstrip('/')}{SEND_PATH}"
+        self.bulk_url = f"{root.rstrip('/')}{BULK_PATH}"
+        self.batch_max = batch_max_option(channel, BATCH_MOST)
+        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        body = json.dumps(send_body(message, self.sender, self.configuration_set), ensure_ascii=False).encode()
+    async def _post(self, url: str, request: dict) -> Answer | DeliveryResult:
+        """One signed call: SES's 2xx answer, or the failed delivery its error (or no answer) means."""
+        body = json.dumps(request, ensure_ascii=False).encode()
         token = self.credentials.session_token
         headers = sign_request(
             "POST",
-            self.url,
+            url,
             {"Content-Type": "application/json"},
             body,
             access_key_id=self.credentials.access_key_id,
@@ -303,13 +397,41 @@ class SesAdapter(HttpAdapter):
             region=self.region,
             session_token=token.get_secret_value() if token else None,
         )
-        answer = await self.request("POST", self.url, data=body, headers=headers)
+        answer = await self.request("POST", url, data=body, headers=headers)
         if isinstance(answer, DeliveryResult):
             return answer
         if not answer.ok:
             error_type = answer.headers.get("x-amzn-ErrorType", "").split(":", 1)[0] or None
             return answer.failure(code=error_type, transient=error_type in RETRYABLE_ERRORS)
+        return answer
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        if self.batch_max > 1:
+            return await self.batches.send(message)
+        return await self._send_one(message)
+
+    async def _send_one(self, message: RenderedMessage) -> DeliveryResult:
+        answer = await self._post(self.url, send_body(message, self.sender, self.configuration_set))
+        if isinstance(answer, DeliveryResult):
+            return answer
         try:
             return accepted(str(answer.json()["MessageId"]), answer.text)
         except (ValueError, KeyError, TypeError):
             return malformed(answer.text)  # SendEmail takes no idempotency token: a retry could send twice
+
+    async def _send_bulk(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        if len(messages) == 1:  # a lone message: SendEmail, as with batch_max 1
+            return [await self._send_one(messages[0])]
+        answer = await self._post(self.bulk_url, bulk_body(messages, self.sender, self.configuration_set))
+        if isinstance(answer, DeliveryResult):
+            return [answer] * len(messages)  # the whole call failed: every message in it did
+        try:
+            entries = answer.json()["BulkEmailEntryResults"]
+            if not isinstance(entries, list) or len(entries) != len(messages):
+                raise ValueError(f"{len(messages)} entries sent, results do not match")
+            return [entry_result(entry) for entry in entries]
+        except (ValueError, KeyError, TypeError):
+            return [malformed(answer.text)] * len(messages)  # no idempotency token here either
+
+    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        return await results_of_calls(messages, bulk_calls(messages), self._send_bulk)

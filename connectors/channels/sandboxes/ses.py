@@ -1,13 +1,21 @@
-"""Sandbox for Amazon SES v2: verifies Signature Version 4 in full (scope, signed headers, clock skew,
-HMAC) with the adapter's secret, answers SES's REST-JSON errors (x-amzn-ErrorType), and publishes
-Delivery/Bounce events as SNS HTTP notifications signed with the dev RSA key; the matching
-self-signed certificate is served at /ses/_sns/cert.pem (the notifications' SigningCertURL)."""
+"""Sandbox for Amazon SES v2 SendEmail and SendBulkEmail: verifies Signature Version 4 in full (scope, signed
+headers, clock skew, HMAC) with the adapter's secret, answers SES's REST-JSON errors (x-amzn-ErrorType), and
+publishes Delivery/Bounce events as SNS HTTP notifications signed with the dev RSA key; the matching
+self-signed certificate is served at /ses/_sns/cert.pem (the notifications' SigningCertURL).
+
+SendBulkEmail takes inline template content only (no stored templates here) and renders it per entry by
+simple substitution of {{name}} with the entry's ReplacementTemplateData (else the default TemplateData),
+without HTML-escaping, as SES documents; each entry arrives as its own message with its own MessageId,
+recorded in SendEmail's shape with "batch": True. A recipient whose local part starts with "reject" is
+refused as an unverified address would be in SES's own sandbox: SendEmail answers 400 MessageRejected,
+SendBulkEmail that entry's result MESSAGE_REJECTED."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -17,9 +25,12 @@ from aiohttp import web
 from connectors.channels.devkeys import dev_private_key
 from connectors.channels.sandboxes.core import Received, Sandbox, SandboxContext
 from connectors.channels.ses import (
+    BATCH_MOST,
+    BULK_PATH,
     DEV_SNS_KEY,
     SEND_PATH,
     SERVICE,
+    TEMPLATE_DATA_MOST,
     canonical_request,
     dev_certificate,
     parse_authorization,
@@ -29,6 +40,7 @@ from connectors.channels.ses import (
 
 TOPIC_ARN = "arn:aws:sns:us-east-1:000000000000:loopcast-ses-events"
 MAX_SKEW_S = 300
+PLACEHOLDER = re.compile(r"\{\{\s*([\w-]+)\s*\}\}")
 
 
 def error(status: int, error_type: str, message: str) -> web.Response:
@@ -86,11 +98,27 @@ def check_signature(request: web.Request, body: bytes, access_key_id: str, secre
     return None
 
 
+def refused(addresses: list) -> list[str]:
+    """The recipients this sandbox treats as unverified (SES's own sandbox refuses those)."""
+    return [str(a) for a in addresses if str(a).split("@", 1)[0].lower().startswith("reject")]
+
+
+def not_verified(addresses: list[str]) -> str:
+    failed = ", ".join(addresses)
+    return f"Email address is not verified. The following identities failed the check in region US-EAST-1: {failed}"
+
+
+def addressed(destination: object) -> list | None:
+    """The ToAddresses of a Destination, or None when there are none or one is not a mailbox."""
+    to = (destination.get("ToAddresses") if isinstance(destination, dict) else None) or []
+    return to if isinstance(to, list) and to and all("@" in str(a) for a in to) else None
+
+
 def validate(body: dict) -> web.Response | None:
     if not body.get("FromEmailAddress"):
         return error(400, "BadRequestException", "Missing required parameter FromEmailAddress")
-    to = (body.get("Destination") or {}).get("ToAddresses") or []
-    if not to or not all("@" in str(a) for a in to):
+    to = addressed(body.get("Destination"))
+    if to is None:
         return error(400, "BadRequestException", "Missing final '@domain'")
     simple = (body.get("Content") or {}).get("Simple")
     if not simple:
@@ -99,7 +127,77 @@ def validate(body: dict) -> web.Response | None:
         return error(400, "MessageRejected", "Email subject is missing")
     if not ((simple.get("Body") or {}).get("Text") or (simple.get("Body") or {}).get("Html")):
         return error(400, "MessageRejected", "Email body is missing")
+    unverified = refused(to)
+    if unverified:
+        return error(400, "MessageRejected", not_verified(unverified))
     return None
+
+
+def template_values(text: object, name: str) -> dict | web.Response:
+    """Template data as SES takes it: a JSON object in a string of at most TEMPLATE_DATA_MOST characters."""
+    try:
+        if not isinstance(text, str) or len(text) > TEMPLATE_DATA_MOST:
+            raise ValueError
+        values = json.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError
+    except ValueError:
+        return error(
+            400, "BadRequestException", f"{name} must be a JSON object of at most {TEMPLATE_DATA_MOST} characters"
+        )
+    return values
+
+
+def validate_bulk(body: dict) -> tuple[dict, list[dict]] | web.Response:
+    """(template content, each entry's values) of a valid SendBulkEmail request."""
+    if not body.get("FromEmailAddress"):
+        return error(400, "BadRequestException", "Missing required parameter FromEmailAddress")
+    entries = body.get("BulkEmailEntries")
+    if not isinstance(entries, list) or not entries:
+        return error(400, "BadRequestException", "BulkEmailEntries must contain at least one entry")
+    if len(entries) > BATCH_MOST:
+        return error(400, "BadRequestException", f"BulkEmailEntries must contain at most {BATCH_MOST} entries")
+    template = (body.get("DefaultContent") or {}).get("Template") or {}
+    if template.get("TemplateName") or template.get("TemplateArn"):
+        return error(404, "NotFoundException", "Template does not exist (this sandbox keeps no stored templates)")
+    content = template.get("TemplateContent")
+    if not isinstance(content, dict) or not content:
+        return error(400, "BadRequestException", "Template content, name or ARN must be specified")
+    if not content.get("Subject"):
+        return error(400, "BadRequestException", "Template subject is missing")
+    if not (content.get("Text") or content.get("Html")):
+        return error(400, "BadRequestException", "Template must have a text or an html part")
+    defaults = template_values(template.get("TemplateData", "{}"), "TemplateData")
+    if isinstance(defaults, web.Response):
+        return defaults
+    values = []
+    for entry in entries:
+        if not isinstance(entry, dict) or addressed(entry.get("Destination")) is None:
+            return error(400, "BadRequestException", "Missing final '@domain'")
+        replacement = ((entry.get("ReplacementEmailContent") or {}).get("ReplacementTemplate") or {}).get(
+            "ReplacementTemplateData"
+        )
+        if replacement is None:  # SES uses the default values for an entry without its own
+            values.append(defaults)
+            continue
+        own = template_values(replacement, "ReplacementTemplateData")
+        if isinstance(own, web.Response):
+            return own
+        values.append(own)
+    return content, values
+
+
+def render(part: str, values: dict) -> str:
+    """Simple substitution, no escaping; a variable without a value renders empty (this sandbox does not
+    simulate SES's Rendering Failure events)."""
+    return PLACEHOLDER.sub(lambda m: "" if values.get(m.group(1)) is None else str(values[m.group(1)]), part)
+
+
+def merged(default: object, replacement: object) -> list[dict]:
+    """Name/value lists (headers, tags): the entry's own replace the default's of the same name."""
+    by_name = {str(x.get("Name")).lower(): x for x in (default or []) if isinstance(x, dict)}
+    by_name |= {str(x.get("Name")).lower(): x for x in (replacement or []) if isinstance(x, dict)}
+    return list(by_name.values())
 
 
 def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
@@ -161,12 +259,13 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
             if response.status >= 300:
                 raise RuntimeError(f"receipt endpoint answered {response.status}")
 
-    async def send_email(request: web.Request) -> web.Response:
+    async def receive(request: web.Request) -> dict | web.Response:
+        """The request's JSON body once the signature and the injected faults let it through."""
         raw = await request.read()
-        refused = check_signature(request, raw, access_key_id, secret)
-        if refused is not None:
+        refused_call = check_signature(request, raw, access_key_id, secret)
+        if refused_call is not None:
             box.rejected += 1
-            return refused
+            return refused_call
         injected = await box.inject(answer)
         if injected is not None:
             return injected
@@ -176,16 +275,68 @@ def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
         except (ValueError, AssertionError):
             box.rejected += 1
             return error(400, "BadRequestException", "Could not parse request body into json")
+        return body
+
+    async def send_email(request: web.Request) -> web.Response:
+        body = await receive(request)
+        if isinstance(body, web.Response):
+            return body
         invalid = validate(body)
         if invalid is not None:
             box.rejected += 1
             return invalid
+        request_id = str(uuid.uuid4())
         tags = {t.get("Name"): t.get("Value") for t in body.get("EmailTags") or []}
-        item = box.record({**body, "message_id": tags.get("message_id")}, None)
+        item = box.record({**body, "message_id": tags.get("message_id"), "request_id": request_id}, None)
         box.schedule_receipt(item, send_receipt)
-        return web.json_response({"MessageId": item.provider_message_id})
+        return web.json_response({"MessageId": item.provider_message_id}, headers={"x-amzn-RequestId": request_id})
+
+    async def send_bulk_email(request: web.Request) -> web.Response:
+        body = await receive(request)
+        if isinstance(body, web.Response):
+            return body
+        valid = validate_bulk(body)
+        if isinstance(valid, web.Response):
+            box.rejected += 1
+            return valid
+        content, values = valid
+        template = body["DefaultContent"]["Template"]
+        request_id = str(uuid.uuid4())
+        results = []
+        for entry, own in zip(body["BulkEmailEntries"], values, strict=True):
+            unverified = refused(entry["Destination"]["ToAddresses"])
+            if unverified:
+                box.rejected += 1
+                results.append({"Status": "MESSAGE_REJECTED", "Error": not_verified(unverified)})
+                continue
+            parts = {
+                name: {"Data": render(content[name], own), "Charset": "UTF-8"}
+                for name in ("Text", "Html")
+                if content.get(name)
+            }
+            simple: dict = {"Subject": {"Data": render(content["Subject"], own), "Charset": "UTF-8"}, "Body": parts}
+            headers = merged(template.get("Headers"), entry.get("ReplacementHeaders"))
+            if headers:
+                simple["Headers"] = headers
+            tags = merged(body.get("DefaultEmailTags"), entry.get("ReplacementTags"))
+            arrived = {
+                "FromEmailAddress": body["FromEmailAddress"],
+                "Destination": entry["Destination"],
+                "Content": {"Simple": simple},
+                "EmailTags": tags,
+                "message_id": next((t.get("Value") for t in tags if t.get("Name") == "message_id"), None),
+                "request_id": request_id,
+                "batch": True,
+            }
+            if body.get("ConfigurationSetName"):
+                arrived["ConfigurationSetName"] = body["ConfigurationSetName"]
+            item = box.record(arrived, None)
+            # SNS posts one notification per event, however the messages were sent.
+            box.schedule_receipt(item, send_receipt)
+            results.append({"Status": "SUCCESS", "MessageId": item.provider_message_id})
+        return web.json_response({"BulkEmailEntryResults": results}, headers={"x-amzn-RequestId": request_id})
 
     async def cert(request: web.Request) -> web.Response:
         return web.Response(text=certificate, content_type="application/x-pem-file")
 
-    return [web.post(SEND_PATH, send_email), web.get("/_sns/cert.pem", cert)]
+    return [web.post(SEND_PATH, send_email), web.post(BULK_PATH, send_bulk_email), web.get("/_sns/cert.pem", cert)]

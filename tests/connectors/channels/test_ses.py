@@ -1,5 +1,6 @@
 """The SES adapter against its sandbox over HTTP on loopback: a table of cases (the sandbox verifies
-SigV4 in full), AWS's published SigV4 example, and SNS-signed receipts both ways."""
+SigV4 in full), AWS's published SigV4 example, SNS-signed receipts both ways, and SendBulkEmail with
+`batch_max` (each message its own entry, result, MessageId and receipts)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from connectors.channels.ses import (
     SesAdapter,
     canonical_request,
     dev_certificate,
+    entry_result,
     sign_request,
     signature,
     sns_sign,
     sns_verify,
 )
 from infra.settings import Settings
+from schemas.config import Channel
 from tests.connectors.channels.harness import ProviderHarness, send_once
 
 pytestmark = pytest.mark.integration
@@ -168,3 +171,190 @@ def test_signed_headers_cover_host_date_and_body() -> None:
         "Credential=AKID/20260101/us-east-1/ses/aws4_request, SignedHeaders=content-type;host;x-amz-date,"
         in (out["Authorization"])
     )
+
+
+BATCH = {"from": "Shop <news@shop.example>", "configuration_set": "events", "batch_max": "50"}
+
+
+def arrived_parts(body: dict) -> tuple:
+    simple = body["Content"]["Simple"]
+    html = simple["Body"].get("Html")
+    return simple["Subject"]["Data"], simple["Body"]["Text"]["Data"], html and html["Data"]
+
+
+def test_a_batch_goes_as_one_call_each_message_with_its_own_words_id_and_receipt(tmp_path) -> None:
+    # Characters a template engine could escape or take for its own: they must arrive as rendered.
+    words = [
+        (f'Deal #{i} <now> & "{i}"', f"Hi {i}: {{{{not_a_var}}}} 你好", f"<p>It&#39;s <b>{i}</b> & more</p>")
+        for i in range(5)
+    ]
+
+    async def run():
+        async with ProviderHarness("ses", tmp_path) as h:
+            h.box.faults = h.box.faults.model_copy(update={"undelivered_rate": 0.5, "seed": 7})
+            adapter = h.adapter(format="email", options=BATCH)
+            messages = [
+                h.message(
+                    message_id=f"m{i}",
+                    address=f"user{i}@example.org",
+                    title=title,
+                    body=text,
+                    html=html,
+                    extra=json.dumps({"headers": {"List-Unsubscribe": f"<http://127.0.0.1/u/{i}>"}}),
+                )
+                for i, (title, text, html) in enumerate(words)
+            ]
+            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            receipts = await h.receipts(len(messages))
+            return results, receipts, list(h.box.received)
+
+    results, receipts, arrived = asyncio.run(run())
+    assert [r.status for r in results] == [DeliveryStatus.accepted] * 5
+    assert len({a.body["request_id"] for a in arrived}) == 1  # one SendBulkEmail call
+    # Each message's provider id is the MessageId of its own entry, and that entry holds its own words.
+    by_id = {a.provider_message_id: a for a in arrived}
+    assert len(by_id) == 5
+    for i, (result, (title, text, html)) in enumerate(zip(results, words, strict=True)):
+        body = by_id[result.provider_message_id].body
+        assert body["batch"] is True and body["message_id"] == f"m{i}"
+        assert body["Destination"] == {"ToAddresses": [f"user{i}@example.org"]}
+        assert arrived_parts(body) == (title, text, html)
+        assert body["Content"]["Simple"]["Headers"] == [
+            {"Name": "List-Unsubscribe", "Value": f"<http://127.0.0.1/u/{i}>"}
+        ]
+        assert body["EmailTags"] == [{"Name": "message_id", "Value": f"m{i}"}]
+        assert body["FromEmailAddress"] == "Shop <news@shop.example>" and body["ConfigurationSetName"] == "events"
+    # Each receipt names one message's MessageId and says what the sandbox decided for that message.
+    assert sorted(r.provider_message_id for r in receipts) == sorted(r.provider_message_id for r in results)
+    fates = {r.provider_message_id: "delivered" if r.delivered else "undelivered" for r in receipts}
+    assert fates == {a.provider_message_id: a.receipt_status for a in arrived}
+    assert set(fates.values()) == {"delivered", "undelivered"}  # the seed gives both verdicts to tell apart
+
+
+def test_messages_with_and_without_html_go_in_separate_calls_and_a_lone_one_as_sendemail(tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("ses", tmp_path) as h:
+            adapter = h.adapter(format="email", options=BATCH)
+            html = [h.message(message_id=f"h{i}", address=f"h{i}@example.org", html=f"<p>{i}</p>") for i in range(3)]
+            plain = [h.message(message_id=f"p{i}", address=f"p{i}@example.org") for i in range(2)]
+            first = await asyncio.gather(*(adapter.send(m) for m in [html[0], plain[0], html[1], plain[1], html[2]]))
+            # Next turn: two with html and one without, which has nobody to share a template with.
+            second = await asyncio.gather(*(adapter.send(m) for m in [html[0], plain[0], html[1]]))
+            turns = h.box.received[:5], h.box.received[5:]
+            return first + second, [{a.body["message_id"]: a.body for a in turn} for turn in turns]
+
+    results, (first, second) = asyncio.run(run())
+    assert all(r.status is DeliveryStatus.accepted for r in results)
+    assert len({r.provider_message_id for r in results}) == 8
+    # First turn: one call per template, the html part only where the message has one.
+    assert {k: arrived_parts(v)[2] for k, v in first.items()} == {
+        "h0": "<p>0</p>",
+        "h1": "<p>1</p>",
+        "h2": "<p>2</p>",
+        "p0": None,
+        "p1": None,
+    }
+    calls = {k: v["request_id"] for k, v in first.items()}
+    assert calls["h0"] == calls["h1"] == calls["h2"] != calls["p0"] == calls["p1"]
+    assert all(v["batch"] for v in first.values())
+    # Second turn: the html pair in one call, the lone plain one as SendEmail (its tag as ever).
+    assert second["h0"]["request_id"] == second["h1"]["request_id"] != second["p0"]["request_id"]
+    assert second["h0"]["batch"] and "batch" not in second["p0"]
+    assert second["p0"]["EmailTags"] == [{"Name": "message_id", "Value": "p0"}]
+
+
+def test_an_unverified_recipient_is_refused_by_sendemail_too(tmp_path) -> None:
+    message = {"address": "reject@example.org"}
+    result, box = send_once("ses", tmp_path, message=message, format="email")
+    assert (result.status, result.error_code, result.retryable) == (DeliveryStatus.failed, "MessageRejected", False)
+    assert box.rejected == 1 and not box.received
+
+
+def test_a_message_too_long_for_an_entry_goes_alone(tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("ses", tmp_path) as h:
+            adapter = h.adapter(format="email", options=BATCH)
+            long = h.message(message_id="long", address="l@example.org", html="<p>" + "x" * 300_000 + "</p>")
+            short = [h.message(message_id=f"s{i}", address=f"s{i}@example.org", html="<p>hi</p>") for i in range(2)]
+            results = await asyncio.gather(*(adapter.send(m) for m in [short[0], long, short[1]]))
+            return results, {a.body["message_id"]: a.body for a in h.box.received}
+
+    results, arrived = asyncio.run(run())
+    assert all(r.status is DeliveryStatus.accepted for r in results)
+    assert "batch" not in arrived["long"] and arrived["s0"]["batch"] and arrived["s1"]["batch"]
+    assert len(arrived["long"]["Content"]["Simple"]["Body"]["Html"]["Data"]) == 300_007
+
+
+def test_a_rejected_entry_fails_only_its_message(tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("ses", tmp_path) as h:
+            adapter = h.adapter(format="email", options=BATCH)
+            addresses = ["ann@example.org", "reject-bob@example.org", "cy@example.org"]
+            messages = [h.message(message_id=f"m{i}", address=a) for i, a in enumerate(addresses)]
+            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            receipts = await h.receipts(2)
+            return results, receipts, list(h.box.received), h.box.rejected
+
+    results, receipts, arrived, rejected = asyncio.run(run())
+    assert [(r.status, r.error_code, r.retryable) for r in results] == [
+        (DeliveryStatus.accepted, None, False),
+        (DeliveryStatus.failed, "MESSAGE_REJECTED", False),
+        (DeliveryStatus.accepted, None, False),
+    ]
+    assert "not verified" in results[1].raw and rejected == 1
+    assert [a.body["message_id"] for a in arrived] == ["m0", "m2"]
+    assert [a.provider_message_id for a in arrived] == [results[0].provider_message_id, results[2].provider_message_id]
+    assert sorted(r.provider_message_id for r in receipts) == sorted(a.provider_message_id for a in arrived)
+
+
+@pytest.mark.parametrize(
+    ("faults", "address", "expected"),
+    [
+        ({"throttle_rate": 1.0}, "ann@example.org", ("TooManyRequestsException", True)),
+        ({"outage": True}, "ann@example.org", ("ServiceUnavailable", True)),
+        ({}, "not-a-mailbox", ("BadRequestException", False)),
+    ],
+    ids=["throttled", "outage", "bad request"],
+)
+def test_a_failed_call_fails_every_message_in_it(faults: dict, address: str, expected: tuple, tmp_path) -> None:
+    async def run():
+        async with ProviderHarness("ses", tmp_path) as h:
+            h.box.faults = h.box.faults.model_copy(update=faults)
+            adapter = h.adapter(format="email", options=BATCH)
+            # One malformed address spoils the whole request, as SES validates it before any entry is sent.
+            addresses = ["zed@example.org", address, "cy@example.org"]
+            messages = [h.message(message_id=f"m{i}", address=a) for i, a in enumerate(addresses)]
+            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+
+    results, arrived = asyncio.run(run())
+    assert [(r.status, r.error_code, r.retryable) for r in results] == [(DeliveryStatus.failed, *expected)] * 3
+    if expected[0] == "TooManyRequestsException":
+        assert all(r.retry_after_s == 1 for r in results)
+    assert not arrived
+
+
+@pytest.mark.unit
+def test_entry_results_map_to_deliveries() -> None:
+    ok = entry_result({"Status": "SUCCESS", "MessageId": "0100-abc"})
+    assert (ok.status, ok.provider_message_id) == (DeliveryStatus.accepted, "0100-abc")
+    for status, retryable in [
+        ("ACCOUNT_THROTTLED", True),
+        ("ACCOUNT_DAILY_QUOTA_EXCEEDED", True),
+        ("TRANSIENT_FAILURE", True),
+        ("MESSAGE_REJECTED", False),
+        ("ACCOUNT_SENDING_PAUSED", False),
+        ("FAILED", False),
+    ]:
+        failed = entry_result({"Status": status, "Error": "why"})
+        assert (failed.status, failed.error_code, failed.retryable) == (DeliveryStatus.failed, status, retryable)
+    # SUCCESS without a MessageId, or no status: whether it went is unknown, and a retry could send it twice.
+    for unknown in ({"Status": "SUCCESS"}, {"MessageId": "x"}):
+        assert (entry_result(unknown).error_code, entry_result(unknown).retryable) == ("malformed_response", False)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", ["0", "51", "many"])
+def test_batch_max_is_what_sendbulkemail_takes(value: str) -> None:
+    channel = Channel(id="ch", provider="ses", format="email", options={"batch_max": value})
+    with pytest.raises(ValueError, match="batch_max"):
+        SesAdapter(channel, SesAdapter.Credentials())
