@@ -1,6 +1,13 @@
 """Tencent Cloud SMS (SendSms, API 3.0 version 2021-01-11): TC3-HMAC-SHA256 signed JSON; every answer, errors
 included, is HTTP 200 with a Response envelope, and each number has its own status in SendStatusSet.
 The status callback is unsigned, so the callback URL carries a shared token instead.
+
+With the channel option `batch_max` (2-200) the messages being sent at the same moment share SendSms calls of
+up to 200 numbers. A call has one TemplateParamSet, SignName and SessionContext for all its numbers, so only
+messages with the same copy can share one (and only numbers all in the mainland or all outside it, as Tencent
+requires); one call never carries the same number twice. The shared SessionContext cannot carry each message's
+id, so a message is known by the SerialNo its number gets in SendStatusSet (the status callback's `sid`), its
+status found by its E.164 number. A message alone in its call goes as before, its id as SessionContext.
 """
 
 from __future__ import annotations
@@ -16,17 +23,22 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
+    Answer,
     DeliveryResult,
     HttpAdapter,
     Limits,
+    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
+    batch_max_option,
     batched_receipts,
+    calls_of,
     malformed,
     query_value,
     rejected,
     require_secret,
+    results_of_calls,
     root_url,
 )
 from schemas.config import Channel
@@ -45,7 +57,11 @@ LIMIT_WAITS_S = {
     "LimitExceeded.PhoneNumberDailyLimit": 86400.0,
     "LimitExceeded.PhoneNumberSameContentDailyLimit": 86400.0,
 }
-MAINLAND = re.compile(r"^1\d{10}$")
+# SendSms takes at most this many numbers in one call.
+BATCH_MOST = 200
+# The spellings of a mainland mobile Tencent takes (bare, 86, 0086, +86): a batch splits by the E.164 number, so
+# a number comes once per call whichever way it is written.
+MAINLAND = re.compile(r"^(?:\+86|0086|86)?(1\d{10})$")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -88,8 +104,10 @@ def authorization(secret_id: str, secret_key: str, headers: Mapping[str, str], p
 
 
 def e164(address: str) -> str:
-    """Tencent wants +<country><number>; a bare 11-digit mainland mobile gets +86."""
-    return f"+86{address}" if MAINLAND.match(address) else address
+    """Tencent wants +<country><number>, and answers with it: a mainland mobile becomes +86<11 digits>."""
+    address = address.strip()
+    match = MAINLAND.match(address)
+    return f"+86{match[1]}" if match else address
 
 
 def retryable(code: str) -> bool:
@@ -145,18 +163,26 @@ class TencentSmsAdapter(HttpAdapter):
         root = root_url(channel, API_ROOT)
         self.url = root + "/"
         self.host = urlsplit(root).netloc
+        self.batch_max = batch_max_option(channel, BATCH_MOST)
+        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
 
-    def payload(self, message: RenderedMessage) -> bytes:
+    def template_param(self, message: RenderedMessage) -> str:
+        """The template's one variable: the body without the copy engine's 【SignName】 (the platform adds it)."""
         body = message.body
         if self.sign_name and body.startswith(f"【{self.sign_name}】"):
-            body = body[len(self.sign_name) + 2 :]  # the platform adds 【SignName】 itself
+            body = body[len(self.sign_name) + 2 :]
+        return body
+
+    def payload(self, messages: list[RenderedMessage]) -> bytes:
+        """One SendSms call for `messages`, which share their copy (see `_send_batch`)."""
         request = {
-            "PhoneNumberSet": [e164(message.address)],
+            "PhoneNumberSet": [e164(m.address) for m in messages],
             "SmsSdkAppId": self.sdk_app_id,
             "TemplateId": self.template_id,
-            "TemplateParamSet": [body],
-            "SessionContext": message.message_id,  # echoed back in SendStatusSet
+            "TemplateParamSet": [self.template_param(messages[0])],
         }
+        if len(messages) == 1:
+            request["SessionContext"] = messages[0].message_id  # echoed back in SendStatusSet; one per call
         if self.sign_name:
             request["SignName"] = self.sign_name
         return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
@@ -173,11 +199,32 @@ class TencentSmsAdapter(HttpAdapter):
         }
 
     async def send(self, message: RenderedMessage) -> DeliveryResult:
-        payload = self.payload(message)
-        headers = self.headers(payload, int(time.time()))
-        response = await self.request("POST", self.url, data=payload, headers=headers)
+        if self.batch_max > 1:
+            return await self.batches.send(message)
+        [result] = await self._call([message])
+        return result
+
+    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        # One TemplateParamSet per call: only the same copy shares one, and mainland numbers apart from others
+        # (Tencent refuses a mix).
+        calls = calls_of(
+            messages,
+            kind=lambda m: (self.template_param(m), e164(m.address).startswith("+86")),
+            key=lambda m: e164(m.address),
+        )
+        return await results_of_calls(messages, calls, self._call)
+
+    async def _call(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        """One SendSms call: each message's result, in order."""
+        payload = self.payload(messages)
+        response = await self.request("POST", self.url, data=payload, headers=self.headers(payload, int(time.time())))
         if isinstance(response, DeliveryResult):
-            return response
+            return [response] * len(messages)  # no answer: every number in the call is in doubt
+        return self.results(response, messages)
+
+    def results(self, response: Answer, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        """A whole-call failure (Response.Error, an HTTP error, an unreadable body) is every message's; else each
+        message's is its number's status in SendStatusSet."""
         text = response.text
         try:
             envelope = json.loads(text)["Response"]
@@ -185,18 +232,26 @@ class TencentSmsAdapter(HttpAdapter):
         except (ValueError, KeyError, TypeError, AttributeError):
             envelope = error = None
         if not response.ok:
-            return response.failure(code=error.get("Code") if isinstance(error, dict) else None)
+            return [response.failure(code=error.get("Code") if isinstance(error, dict) else None)] * len(messages)
         if isinstance(error, dict) and isinstance(error.get("Code"), str):
-            return self._refused(error["Code"], text, response.retry_after)
+            return [self._refused(error["Code"], text, response.retry_after)] * len(messages)
         try:
-            [result] = envelope["SendStatusSet"]
-            code = result["Code"]
-        except (KeyError, TypeError, ValueError):
-            return malformed(text)  # SendSms has no idempotency key: a retry could send twice
-        if code != "Ok":
-            return self._refused(str(code), text, response.retry_after)
-        serial = result.get("SerialNo")
-        return accepted(serial, text) if isinstance(serial, str) and serial else malformed(text)
+            statuses = {e164(str(status["PhoneNumber"])): status for status in envelope["SendStatusSet"]}
+        except (KeyError, TypeError, AttributeError):
+            return [malformed(text)] * len(messages)  # SendSms has no idempotency key: a retry could send twice
+        request_id = envelope.get("RequestId")
+        return [self._status(statuses.get(e164(m.address)), request_id, text, response.retry_after) for m in messages]
+
+    @classmethod
+    def _status(cls, status: dict | None, request_id: str | None, text: str, retry_after: str | None) -> DeliveryResult:
+        if not isinstance(status, dict) or not isinstance(status.get("Code"), str):
+            return malformed(text)  # no word on this number: whether it was sent is unknown
+        # The number's own status (with the call's RequestId): a batch's whole answer would not fit in `raw`.
+        raw = json.dumps({"RequestId": request_id, **status}, ensure_ascii=False)
+        if status["Code"] != "Ok":
+            return cls._refused(status["Code"], raw, retry_after)
+        serial = status.get("SerialNo")
+        return accepted(serial, raw) if isinstance(serial, str) and serial else malformed(raw)
 
     @staticmethod
     def _refused(code: str, raw: str, retry_after: str | None) -> DeliveryResult:
