@@ -64,20 +64,20 @@ def verify(secret: str, body: bytes, header: str | None, *, now: float | None = 
 
 def fields(message: RenderedMessage) -> dict:
     return {
-            "message_id": message.message_id,
-            "campaign_id": message.campaign_id,
-            "user_id": message.user_id,
-            "address": message.address,
-            "title": message.title,
-            "body": message.body,
-            "link": message.link,
-            "image_url": message.image_url,
-            "html": message.html,
-            "extra": orjson.loads(message.extra) if message.extra else None,
-            "variant": message.variant,
-            "priority": message.priority.value,
-            "triggered_at": int(message.triggered_at.timestamp() * 1000),
-        }
+        "message_id": message.message_id,
+        "campaign_id": message.campaign_id,
+        "user_id": message.user_id,
+        "address": message.address,
+        "title": message.title,
+        "body": message.body,
+        "link": message.link,
+        "image_url": message.image_url,
+        "html": message.html,
+        "extra": orjson.loads(message.extra) if message.extra else None,
+        "variant": message.variant,
+        "priority": message.priority.value,
+        "triggered_at": int(message.triggered_at.timestamp() * 1000),
+    }
 
 
 def dumps(value) -> bytes:
