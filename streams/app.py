@@ -119,7 +119,7 @@ class _Rebalance(ConsumerRebalanceListener):
         # The batches in hand finish and commit first: the next owner starts after them, not before.
         for loop in self.member.loops:
             async with loop.busy:
-                pass
+                await loop.committed()
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.member.assigned.set()
@@ -141,8 +141,9 @@ class StageLoop:
         self.linger_s = settings.warehouse_linger_s if spec.name.startswith("feedback") else 0.0
         # Set when the worker stops: the batch in hand (a lingering one too) is finished, not dropped.
         self.closing = False
-        # Held while a batch is handled and committed, so a rebalance takes partitions between batches.
+        # Held while a batch is handled, so a rebalance takes partitions between batches (after `committed`).
         self.busy = asyncio.Lock()
+        self.committing: asyncio.Future | None = None
         member.loops.append(self)
 
     def partitions(self) -> list[TopicPartition]:
@@ -150,6 +151,21 @@ class StageLoop:
 
     async def run(self) -> None:
         await self.member.assigned.wait()
+        try:
+            await self._batches()
+        finally:
+            await self.committed()
+
+    async def committed(self) -> None:
+        """The last batch's commit, done: a batch's offsets commit while the next batch is fetched and
+        handled (a commit is a round trip to the group coordinator, and waiting for it held every message
+        behind it: 1-4 ms a hop at a paced 1k/s). One commit is in flight at a time, so they stay in batch
+        order; a failed one (not a rebalance) stops the loop, as before."""
+        if self.committing is not None:
+            committing, self.committing = self.committing, None
+            await committing
+
+    async def _batches(self) -> None:
         while not self.closing:
             fetched = await self._fetch(200, self.batch_size)
             if self.linger_s and fetched:
@@ -162,7 +178,10 @@ class StageLoop:
                 if self.spec.config_barrier:
                     await self.rt.follower.barrier()
                 await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
-                await self._commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                await self.committed()
+                self.committing = asyncio.ensure_future(
+                    self._commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                )
 
     async def _fetch(self, timeout_ms: int, most: int) -> dict:
         partitions = self.partitions()
