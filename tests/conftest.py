@@ -29,8 +29,8 @@ def _free_ports(n: int) -> list[int]:
 def stack_env(tmp_path_factory) -> Settings:
     """Environment for this session's stack; child processes (sandbox, worker, CLI) inherit it."""
     env = {f"LOOPCAST_{name}": str(port) for name, port in zip(PORT_VARS, _free_ports(len(PORT_VARS)), strict=True)}
-    # The sandbox also serves SMTP and APNs on its port + 1 and + 2.
-    env["LOOPCAST_SANDBOX_PORT"] = str(free_port_block(3, avoid={int(p) for p in env.values()}))
+    # The sandbox also serves SMTP, APNs and FCM (HTTP/2) on its port + 1, + 2 and + 3.
+    env["LOOPCAST_SANDBOX_PORT"] = str(free_port_block(4, avoid={int(p) for p in env.values()}))
     env |= {
         "LOOPCAST_HOME": str(tmp_path_factory.mktemp("loopcast-home")),
         "LOOPCAST_APP_ID": "loopcast-test",

@@ -13,8 +13,8 @@ def free_port() -> int:
 
 
 def free_port_block(size: int, avoid: set[int] | frozenset[int] = frozenset()) -> int:
-    """A port whose next `size - 1` neighbours are free too: the provider sandbox serves SMTP and
-    APNs on its port + 1 and + 2."""
+    """A port whose next `size - 1` neighbours are free too: the provider sandbox serves SMTP, APNs
+    and FCM (HTTP/2) on its port + 1, + 2 and + 3."""
     for _ in range(100):
         first = free_port()
         block = range(first, first + size)

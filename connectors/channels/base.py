@@ -184,6 +184,17 @@ def root_url(channel: Channel, default: str) -> str:
     return str(channel.url).rstrip("/") if channel.url else default
 
 
+def flag_option(value: str | None, default: bool) -> bool:
+    """A true/false channel option (options are strings); `default` when unset."""
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
 def message_extra(message: RenderedMessage) -> dict[str, Any]:
     """The copy engine's `extra` object; {} when absent or not a JSON object."""
     try:

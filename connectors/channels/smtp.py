@@ -23,6 +23,7 @@ from connectors.channels.base import (
     DeliveryResult,
     Limits,
     accepted,
+    flag_option,
     malformed,
     rejected,
     transport_failure,
@@ -36,16 +37,6 @@ PASSED_HEADERS = frozenset({"list-unsubscribe", "list-unsubscribe-post", "list-i
 # A reused connection idle longer than this gets a NOOP first: relays drop idle clients (Postfix after 300 s).
 IDLE_CHECK_S = 10.0
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,200}$")
-
-
-def _flag(value: str | None, default: bool) -> bool:
-    if value is None:
-        return default
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true/false, got {value!r}")
 
 
 def message_id_header(message_id: str, domain: str) -> str:
@@ -106,7 +97,7 @@ class SmtpAdapter(ChannelAdapter):
         if not options.get("host"):
             raise ValueError(f"channel {channel.id!r}: the smtp provider needs options['host'] (and 'port')")
         self.host = options["host"]
-        self.starttls = _flag(options.get("starttls"), True)
+        self.starttls = flag_option(options.get("starttls"), True)
         self.port = int(options.get("port") or (587 if self.starttls else 25))
         name, address = parseaddr(options.get("from") or f"{channel.brand or 'Loopcast'} <no-reply@example.com>")
         if "@" not in address or not address.split("@", 1)[1]:

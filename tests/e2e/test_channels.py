@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from connectors import warehouse
+from connectors.channels.sandboxes.fcm import h2_port
+from connectors.channels.sandboxes.http2 import certificate_path
 from connectors.kafka import produce
 from infra import topics
 from infra.waiting import wait_for
@@ -134,8 +136,13 @@ def test_a_retryable_failure_is_tried_again_later_and_succeeds(worker) -> None:
 def test_a_failed_push_falls_back_to_exactly_one_sms(worker) -> None:
     settings = worker
     base = settings.sandbox_base
+    # FCM over HTTP/2 + TLS, as fcm.googleapis.com serves it: the sandbox's HTTP/2 port and its certificate.
+    fcm_url, ca_file = f"https://{settings.host}:{h2_port(settings)}", str(certificate_path(settings.home))
     documents = [
-        Channel(id="fb-push", provider="fcm", url=f"{base}/fcm", format="push-fcm", address_field="fcm_token"),
+        Channel(
+            id="fb-push", provider="fcm", url=fcm_url, format="push-fcm", address_field="fcm_token",
+            options={"ca_file": ca_file},
+        ),
         Channel(id="fb-sms", provider="http-sms", url=f"{base}/http-sms", format="sms", address_field="phone"),
         Template(id="fb-t", title="Your cart", body="${name}, only 2 left"),
         Campaign(
@@ -174,6 +181,7 @@ def test_a_failed_push_falls_back_to_exactly_one_sms(worker) -> None:
         assert ("fb-dead", "fb-push", "failed") in by_user and ("fb-dead", "fb-sms", "sent") in by_user
         assert ("fb-none", "fb-push", "no_address") in by_user and ("fb-none", "fb-sms", "sent") in by_user
         assert ("fb-live", "fb-push", "sent") in by_user and ("fb-live", "fb-sms", "sent") not in by_user
+        assert {b["http_version"] for b in received(settings, "fcm") if b["token"] == "token-live-1"} == {"2"}
         push_ids = {r["user_id"]: r["message_id"] for r in rows if r["channel"] == "fb-push"}
         for r in rows:
             if r["channel"] == "fb-sms":

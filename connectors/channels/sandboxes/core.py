@@ -92,6 +92,8 @@ class Sandbox:
     faulted: int = 0
     last_fault_at: float | None = None
     rng: random.Random = field(default_factory=random.Random)
+    # A provider's own state shared by its routes and its `serve` hook (FCM: the access tokens it issued).
+    state: dict[str, Any] = field(default_factory=dict)
     _seq: int = 0
     _pending: set = field(default_factory=set)
     _client: aiohttp.ClientSession | None = None

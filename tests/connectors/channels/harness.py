@@ -55,7 +55,7 @@ class ProviderHarness:
         self.scheme = scheme
         self.cls: type[ChannelAdapter] = adapter_class(scheme)
         http_port = free_port()
-        sandbox_port = free_port_block(3, avoid={http_port})
+        sandbox_port = free_port_block(4, avoid={http_port})
         self.settings = Settings(home=home, http_port=http_port, sandbox_port=sandbox_port, **settings)
         self.credentials = self.cls.credentials_from(self.settings)
         self.parsed: list[Receipt] = []

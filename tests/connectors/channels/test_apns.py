@@ -15,7 +15,8 @@ from connectors.channels import apns
 from connectors.channels.apns import ApnsAdapter
 from connectors.channels.base import DeliveryStatus, adapter_class
 from connectors.channels.devkeys import public_key_pem
-from connectors.channels.sandboxes.apns import certificate_path, h2_port
+from connectors.channels.sandboxes.apns import h2_port
+from connectors.channels.sandboxes.http2 import certificate_path
 from infra.settings import Settings
 from tests.connectors.channels.harness import ProviderHarness
 
