@@ -157,10 +157,11 @@ class StageLoop:
             await self.committed()
 
     async def committed(self) -> None:
-        """The last batch's commit, done: a batch's offsets commit while the next batch is fetched and
-        handled (a commit is a round trip to the group coordinator, and waiting for it held every message
-        behind it: 1-4 ms a hop at a paced 1k/s). One commit is in flight at a time, so they stay in batch
-        order; a failed one (not a rebalance) stops the loop, as before."""
+        """The last batch's outputs acknowledged and its offsets committed. That happens while the next
+        batch is fetched and handled: the produce and commit round trips held every message behind them
+        (1-5 ms of each hop's cycle at a paced 1k/s, p99 up to 16 ms), and the next stage has the outputs
+        as soon as they are appended, acknowledged or not. One batch is in flight at a time, so commits stay
+        in batch order; a failed one (not a rebalance) stops the loop, as before."""
         if self.committing is not None:
             committing, self.committing = self.committing, None
             await committing
@@ -177,10 +178,10 @@ class StageLoop:
                 await self.rt.wait_ready()
                 if self.spec.config_barrier:
                     await self.rt.follower.barrier()
-                await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
+                acks = await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
                 await self.committed()
                 self.committing = asyncio.ensure_future(
-                    self._commit({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                    self._commit(acks, {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
                 )
 
     async def _fetch(self, timeout_ms: int, most: int) -> dict:
@@ -201,7 +202,8 @@ class StageLoop:
                 fetched.setdefault(tp, []).extend(batch)
                 count += len(batch)
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, acks: list[asyncio.Future], offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.gather(*acks)  # the batch's outputs are in Kafka first
         try:
             await self.member.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
@@ -298,7 +300,8 @@ def ready_file(settings: Settings) -> Path:
     return settings.run_dir / f"{settings.app_id}.ready"
 
 
-async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler, records) -> None:
+async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler, records) -> list[asyncio.Future]:
+    """Decodes, handles and queues the batch's outputs for Kafka; returns their acks."""
     value_codec = codec(spec.value)
     decode = functools.partial(value_codec.decode, allow_json=spec.accepts_json, trusted=spec.trusted_input)
     shared = rt.shared_decodes.decode
@@ -321,7 +324,7 @@ async def process_batch(producer, rt: Runtime, spec: StageSpec, handler: Handler
     if good:
         # `good` keeps every value alive while `wire` is used, so no other object can take an id in it.
         await _handle(rt, out, spec, handler, good, wire)
-    await out.flush(producer)
+    return await out.queue(producer)
 
 
 async def _handle(rt: Runtime, out: Output, spec: StageSpec, handler: Handler, good: list, wire=None) -> None:

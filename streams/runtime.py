@@ -66,15 +66,19 @@ class Output:
         )
         self.send(topics.DLQ.name, stage, letter)
 
-    async def flush(self, producer: AIOKafkaProducer) -> None:
-        """Into Kafka as whole record batches per partition, awaited, so offsets move on only after
-        the outputs are in Kafka (at-least-once)."""
+    async def queue(self, producer: AIOKafkaProducer) -> list[asyncio.Future]:
+        """Into the producer as whole record batches per partition, in order; returns the acks to await
+        before the batch's offsets move on (at-least-once)."""
         by_topic: dict[str, list[tuple[bytes | None, bytes]]] = {}
         for topic, key, value in self.items:
             by_topic.setdefault(topic, []).append((key, value))
         acks = [ack for topic, records in by_topic.items() for ack in await send_keyed(producer, topic, records)]
-        await asyncio.gather(*acks)
         self.items.clear()
+        return acks
+
+    async def flush(self, producer: AIOKafkaProducer) -> None:
+        """Into Kafka, awaited."""
+        await asyncio.gather(*await self.queue(producer))
 
 
 class Recent(OrderedDict):
