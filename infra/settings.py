@@ -68,6 +68,7 @@ class Settings(BaseSettings):
         from infra.workers import default_processes
 
         return self.worker_processes or default_processes()
+
     # How much lower the warehouse owner's CPU priority is than the sending processes' (nice; 0: the same).
     owner_nice: int = Field(default=10, ge=0, le=19)
     partitions: int = 4
@@ -77,6 +78,10 @@ class Settings(BaseSettings):
     batch_size: int = 2000
     # How long a warehouse write waits to gather more rows: ClickHouse wants few, big inserts.
     warehouse_linger_s: float = 1.0
+    # How often a stage commits the offsets it has handled (0: after every batch). Each commit is a write
+    # to the broker's offsets log: at a steady 1k/s, with small batches, committing every batch made Kafka
+    # the busiest process. A crash redelivers at most this much, and every stage's effects are idempotent.
+    commit_interval_s: float = Field(default=0.2, ge=0)
 
     daily_cap: int = 5
     # Provider sends in flight per worker, granted to urgent messages first (streams.priority).

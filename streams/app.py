@@ -143,7 +143,11 @@ class StageLoop:
         self.closing = False
         # Held while a batch is handled, so a rebalance takes partitions between batches (after `committed`).
         self.busy = asyncio.Lock()
+        # Handled, not committed yet: the batches' produce acks and the offsets after them.
+        self.acks: list[asyncio.Future] = []
+        self.offsets: dict[TopicPartition, int] = {}
         self.committing: asyncio.Future | None = None
+        self.last_commit = 0.0
         member.loops.append(self)
 
     def partitions(self) -> list[TopicPartition]:
@@ -157,14 +161,34 @@ class StageLoop:
             await self.committed()
 
     async def committed(self) -> None:
-        """The last batch's outputs acknowledged and its offsets committed. That happens while the next
-        batch is fetched and handled: the produce and commit round trips held every message behind them
-        (1-5 ms of each hop's cycle at a paced 1k/s, p99 up to 16 ms), and the next stage has the outputs
-        as soon as they are appended, acknowledged or not. One batch is in flight at a time, so commits stay
-        in batch order; a failed one (not a rebalance) stops the loop, as before."""
+        """Every batch handled so far: its outputs acknowledged and its offsets committed (a rebalance and
+        a stop wait for this)."""
+        await self._settle()
+        self._commit_due(now=True)
+        await self._settle()
+
+    async def _settle(self) -> None:
         if self.committing is not None:
             committing, self.committing = self.committing, None
             await committing
+
+    def _commit_due(self, *, now: bool = False) -> None:
+        """Commits what was handled, at most every `commit_interval_s`, while the next batches are fetched
+        and handled: the produce and commit round trips held every message behind them (1-5 ms of each
+        hop's cycle at a paced 1k/s), and the next stage has the outputs once appended, acknowledged or
+        not. One commit is in flight at a time, so they stay in order; a failed one (not a rebalance)
+        stops the loop, as before."""
+        if self.committing is not None:
+            if not self.committing.done():
+                return
+            committing, self.committing = self.committing, None
+            committing.result()
+        clock = asyncio.get_running_loop().time()
+        if not self.offsets or (not now and clock - self.last_commit < self.settings.commit_interval_s):
+            return
+        acks, offsets, self.acks, self.offsets = self.acks, self.offsets, [], {}
+        self.last_commit = clock
+        self.committing = asyncio.ensure_future(self._commit(acks, offsets))
 
     async def _batches(self) -> None:
         while not self.closing:
@@ -172,17 +196,16 @@ class StageLoop:
             if self.linger_s and fetched:
                 await self._linger(fetched)
             if not fetched:
+                self._commit_due()
                 continue
             async with self.busy:
                 records = [r for batch in fetched.values() for r in batch]
                 await self.rt.wait_ready()
                 if self.spec.config_barrier:
                     await self.rt.follower.barrier()
-                acks = await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
-                await self.committed()
-                self.committing = asyncio.ensure_future(
-                    self._commit(acks, {tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
-                )
+                self.acks += await process_batch(self.rt.producer, self.rt, self.spec, self.handler, records)
+                self.offsets.update({tp: batch[-1].offset + 1 for tp, batch in fetched.items()})
+                self._commit_due()
 
     async def _fetch(self, timeout_ms: int, most: int) -> dict:
         partitions = self.partitions()
