@@ -117,7 +117,7 @@ def worker(
         raise fail(str(exc)) from None
     count = processes or settings.worker_processes or default_processes(chosen)
     if count > 1:
-        raise typer.Exit(supervise(chosen, count, loglevel, settings.owner_nice))
+        raise typer.Exit(supervise(chosen, count, loglevel, settings.owner_nice, settings.send_path_halves))
     sys.argv = [sys.argv[0]]  # mode's worker parses argv; ours is already parsed
     run_worker(settings, chosen, loglevel)
 

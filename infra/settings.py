@@ -69,6 +69,9 @@ class Settings(BaseSettings):
 
         return self.worker_processes or default_processes()
 
+    # Sending processes take turns at the send path's halves instead of all sharing every stage: lower
+    # latency for steady traffic, slower bursts (infra.workers.layout).
+    send_path_halves: bool = False
     # How much lower the warehouse owner's CPU priority is than the sending processes' (nice; 0: the same).
     owner_nice: int = Field(default=10, ge=0, le=19)
     partitions: int = 4

@@ -35,7 +35,7 @@ def default_processes(stages: Sequence[StageSpec] | None = None) -> int:
     return cores() + 1 if cores() > 1 and owner_of(plan) is not None else cores()
 
 
-def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:
+def layout(stages: Sequence[StageSpec], processes: int, halves: bool = False) -> list[list[str]]:
     """The stage names each process runs.
 
     The warehouse owner (the feedback family: chDB allows one process per data directory) runs in the first
@@ -43,12 +43,13 @@ def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:
     with it instead left it twice as busy as the rest (its receipts, inserts and outcome reads on top), and
     the whole loop went at the pace of that one core (bench, two processes: 2.2k msg/s that way, 3.6k apart).
 
-    The other processes run the sending stages; with two or more, the halves of the send path (match and
-    render; throttle and dispatch) take turns. Each stage then reads all its partitions in one process, so
-    its batches are twice as big and the loop makes half the Kafka, Redis and provider requests per message:
-    at a steady 1k/s, every process running every sending stage kept Kafka and the workers so busy that p99
-    was 160 ms; apart, 58 ms, with half the broker's CPU (50-message steps: p99 44 → 27 ms). A burst goes
-    as fast either way (5.3-5.7k msg/s on 2 cores)."""
+    The other processes run the sending stages, each sharing every stage's partitions. With `halves`, two or
+    more take turns at the halves of the send path instead (match and render; throttle and dispatch): each
+    stage reads all its partitions in fewer processes, so its batches are bigger and the loop makes about
+    half the Kafka, Redis and provider requests per message. That is for steady traffic: at a steady 1k/s on
+    2 cores p99 went from ~160 ms to 58 ms and the broker's CPU halved (50-message steps: p99 44 → 27 ms).
+    A burst goes 8-13% slower that way (20k and 60k events: 4.4-4.9k msg/s against 5.0-5.5k), as each half
+    waits for the other to fill and to drain, so the default shares."""
     names = [s.name for s in stages]
     owner = [s.name for s in stages if not s.send_path]
     sending = [s.name for s in stages if s.send_path]
@@ -57,7 +58,7 @@ def layout(stages: Sequence[StageSpec], processes: int) -> list[list[str]]:
     senders = processes - 1 if owner else processes
     front = [n for n in sending if n.split(".")[0] in FRONT_HALF]
     back = [n for n in sending if n not in front]
-    lanes = [front, back] if front and back and senders > 1 else [sending]
+    lanes = [front, back] if halves and front and back and senders > 1 else [sending]
     return ([owner] if owner else []) + [lanes[i % len(lanes)] for i in range(senders)]
 
 
@@ -89,11 +90,13 @@ def owner_of(plan: list[list[str]]) -> int | None:
     return 0 if len(plan) > 1 and not any(by_name[n].send_path for n in plan[0]) else None
 
 
-def supervise(stages: Sequence[StageSpec], processes: int, loglevel: str, owner_nice: int = 0) -> int:
+def supervise(
+    stages: Sequence[StageSpec], processes: int, loglevel: str, owner_nice: int = 0, halves: bool = False
+) -> int:
     """`owner_nice`: how much lower the warehouse owner's CPU priority is than the sending processes'
     (its threads too, chDB's merges among them): reports can catch up, a send cannot wait. After a burst
     the owner's inserts and merges took both cores for 50-100 ms at a time, and every hop stalled."""
-    plan = layout(stages, processes)
+    plan = layout(stages, processes, halves)
     owner = owner_of(plan)
 
     def start(index: int) -> subprocess.Popen:

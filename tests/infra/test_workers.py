@@ -22,14 +22,24 @@ FRONT = ["match", "render"]
 BACK = ["throttle", "dispatch.high", "dispatch.normal", "dispatch.low"]
 
 
-@pytest.mark.parametrize(("processes", "sending"), [(2, [SENDING]), (3, [FRONT, BACK]), (4, [FRONT, BACK, FRONT])])
-def test_the_warehouse_owner_runs_once_and_the_send_paths_halves_take_turns(processes: int, sending: list) -> None:
-    plan = layout(select(None), processes)
+@pytest.mark.parametrize(
+    ("processes", "halves", "sending"),
+    [
+        (2, False, [SENDING]),
+        (4, False, [SENDING] * 3),
+        (2, True, [SENDING]),
+        (3, True, [FRONT, BACK]),
+        (4, True, [FRONT, BACK, FRONT]),
+    ],
+)
+def test_the_warehouse_owner_runs_once_and_the_sending_stages_in_every_other_process(
+    processes: int, halves: bool, sending: list
+) -> None:
+    plan = layout(select(None), processes, halves)
     assert len(plan) == processes
     assert all(n.split(".")[0] in ("feedback", "monitor") for n in plan[0])
     assert "feedback" in plan[0] and "monitor" in plan[0]
-    # One sending process runs the whole send path; more run its halves apart, each stage with all its
-    # partitions in fewer processes (bigger batches, fewer requests per message).
+    # Every sending process runs the whole send path, or with halves two or more take turns at its halves.
     assert plan[1:] == sending
     # Every stage runs somewhere.
     assert {n for names in plan for n in names} == {s.name for s in select(None)}
@@ -37,7 +47,8 @@ def test_the_warehouse_owner_runs_once_and_the_send_paths_halves_take_turns(proc
 
 def test_lanes_split_the_same_way() -> None:
     assert layout(select(list(URGENT_LANE)), 1) == [list(URGENT_LANE)]
-    assert layout(select(list(URGENT_LANE)), 2) == [["match", "render"], ["throttle", "dispatch.high"]]
+    assert layout(select(list(URGENT_LANE)), 2) == [list(URGENT_LANE)] * 2
+    assert layout(select(list(URGENT_LANE)), 2, halves=True) == [["match", "render"], ["throttle", "dispatch.high"]]
     bulk = [s.name for s in select(list(BULK_LANE))]
     assert layout(select(list(BULK_LANE)), 1) == [bulk]
     owner = [n for n in bulk if not n.startswith("dispatch")]
@@ -66,7 +77,7 @@ def test_only_a_separate_warehouse_owner_is_named() -> None:
     assert owner_of(layout(select(None), 3)) == 0
     assert owner_of(layout(select(None), 1)) is None
     # Sending processes running different stages are not an owner either.
-    assert owner_of(layout(select(list(URGENT_LANE)), 2)) is None
+    assert owner_of(layout(select(list(URGENT_LANE)), 2, halves=True)) is None
 
 
 def test_a_worker_process_starts_at_its_priority() -> None:
