@@ -175,12 +175,18 @@ def pipeline_burst(settings: Settings, n: int, progress: Progress) -> dict:
 
 
 def pipeline_paced(
-    settings: Settings, run: str, rate: float, seconds: float, progress: Progress, first: int = 1_000_000
+    settings: Settings,
+    run: str,
+    rate: float,
+    seconds: float,
+    progress: Progress,
+    first: int = 1_000_000,
+    tick: float = 0.05,
 ) -> dict:
+    """Events at `rate`, `rate * tick` of them every `tick` seconds."""
     reset_sandbox(settings)
     total = int(rate * seconds)
     task = progress.add_task(f"pipeline paced at {rate:.0f}/s", total=total)
-    tick = 0.05
     per_tick = max(1, int(rate * tick))
 
     async def pace() -> None:
@@ -203,7 +209,7 @@ def pipeline_paced(
 
     asyncio.run(pace())
     wait_for(lambda: sandbox_stats(settings)["received"] >= total, timeout_s=120, what="paced messages at the sandbox")
-    return {"rate": rate, "events": total, "latency": sandbox_stats(settings)["latency_ms"]}
+    return {"rate": rate, "tick": tick, "events": total, "latency": sandbox_stats(settings)["latency_ms"]}
 
 
 def pipeline_lag(settings: Settings) -> int:
@@ -325,15 +331,16 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
                                  f"CPU µs/msg {({k: round(v) for k, v in run['cpu_us'].items()})}")  # fmt: skip
         burst = scaling[cores]
         paced = []
-        # 20/s: what one message sees on an idle loop; then 1k/s and 5k/s.
-        for n, rate in enumerate((20.0, 1000.0, 5000.0), start=1):
+        # 20/s: what one message sees on an idle loop; then 1k/s and 5k/s in steps of 50 ms, and 1k/s as a
+        # steady stream (a step every 5 ms: many more, smaller batches and requests per message).
+        for n, (rate, tick) in enumerate(((20.0, 0.05), (1000.0, 0.05), (1000.0, 0.005), (5000.0, 0.05)), start=1):
             # Event ids of their own per run: the same ids again would be replays, deduplicated.
             paced.append(pipeline_paced(settings, burst["run"], rate, 5 if rate < 100 else 10, progress,
-                                        first=n * 1_000_000))  # fmt: skip
-            progress.console.log(f"paced at {rate:,.0f}/s: {paced[-1]['latency']}")
+                                        first=n * 1_000_000, tick=tick))  # fmt: skip
+            progress.console.log(f"paced at {rate:,.0f}/s, {tick * 1000:.0f} ms steps: {paced[-1]['latency']}")
             drain(settings, progress, f"paced at {rate:,.0f}/s: receipts and outcomes")
         stages = stage_costs(settings, local, min(events, 10_000), progress)
-        progress.console.log(f"CPU µs per message per stage: {({k: round(v) for k, v in stages.items()})}")
+        progress.console.log(f"CPU µs per message per stage: { ({k: round(v) for k, v in stages.items()}) }")
         urgent = priority_run(settings, local, "urgent lane", backlog, progress)
     local.stop(["worker", "worker-urgent"])
     stack(settings).up(["worker"])  # back to the configured deployment
@@ -358,7 +365,7 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
         )
     for run in paced:
         table.add_row(
-            f"paced at {run['rate']:,.0f}/s, {cores} processes",
+            f"paced at {run['rate']:,.0f}/s in {run['tick'] * 1000:.0f} ms steps, {cores} processes",
             f"{run['events']:,}",
             "",
             f"{run['latency']['p50']:,.0f}",
