@@ -79,6 +79,14 @@ class Received:
     receipt_acknowledged: bool = False
 
 
+def message_key(item: Received) -> str:
+    """Which message a request carried: our message id where the protocol carries one; else (a batch call
+    with no per-recipient id, as SendBatchSms and multi-number SendSms are) what the recipient got, which a
+    redelivery of the same message repeats."""
+    given = item.body.get("message_id")
+    return str(given) if given else json.dumps(item.body, sort_keys=True, ensure_ascii=False, default=str)
+
+
 @dataclass
 class Sandbox:
     """State of one provider's sandbox; the provider module supplies its routes."""
@@ -147,7 +155,7 @@ class Sandbox:
     def _fate(self, item: Received) -> str:
         # With a seed, a message's fate depends on the seed and its id alone, so a rerun (or a
         # redelivery) meets the same fate; without one, each send rolls afresh.
-        key = item.body.get("message_id")
+        key = message_key(item)
         roll = (
             random.Random(f"{self.faults.seed}:{key}").random() if self.faults.seed is not None else self.rng.random()
         )
@@ -200,7 +208,7 @@ class Sandbox:
         return {
             "provider": self.provider,
             "received": len(self.received),
-            "unique_messages": len({r.body.get("message_id") for r in self.received}),
+            "unique_messages": len({message_key(r) for r in self.received}),
             "rejected": self.rejected,
             "receipts": sum(1 for r in self.received if r.receipt_status),
             "receipts_acknowledged": sum(1 for r in self.received if r.receipt_acknowledged),

@@ -205,3 +205,20 @@ def test_registry_and_options() -> None:
         AliyunSmsAdapter(
             Channel(id="ch", provider="aliyun-sms", format="sms-cn", options={"template_code": "SMS_1"}), credentials
         )
+
+
+def test_a_seeded_batch_gives_each_recipient_its_own_fate_and_counts_each(tmp_path) -> None:
+    numbers = [f"1380013801{i}" for i in range(10)]
+
+    async def run():
+        async with ProviderHarness("aliyun-sms", tmp_path) as h:
+            # SendBatchSms carries no per-recipient id: the fate must still be each recipient's own.
+            h.box.faults = h.box.faults.model_copy(update={"undelivered_rate": 0.5, "seed": 3})
+            adapter = h.adapter(format="sms-cn", options=BATCH)
+            messages = [h.message(message_id=f"m{i}", address=n, body=f"你好 {i}") for i, n in enumerate(numbers)]
+            await asyncio.gather(*(adapter.send(m) for m in messages))
+            return await h.receipts(len(numbers)), h.box.stats()
+
+    receipts, stats = asyncio.run(run())
+    assert {r.delivered for r in receipts} == {True, False}
+    assert stats["unique_messages"] == len(numbers)
