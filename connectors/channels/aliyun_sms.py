@@ -23,22 +23,20 @@ from urllib.parse import quote
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
+    CallBatching,
     DeliveryResult,
     HttpAdapter,
     Limits,
-    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
     as_messages,
-    batch_max_option,
     batched_receipts,
     calls_of,
     malformed,
     query_value,
     rejected,
     require_secret,
-    results_of_calls,
     root_url,
 )
 from schemas.config import Channel
@@ -92,13 +90,14 @@ def flow_control_wait(message: str) -> float | None:
     return next((seconds for word, seconds in LIMIT_WINDOWS_S.items() if word in message), None)
 
 
-class AliyunSmsAdapter(HttpAdapter):
+class AliyunSmsAdapter(CallBatching, HttpAdapter):
     """Options: `template_code` (required, an approved template such as SMS_123456789), `sign_name`
     (default: the channel's brand), `template_param_field` (the template variable that carries the body,
     default `content`), `region` (RegionId, default cn-hangzhou). Receipts: configure the HTTP batch push URL
     as <loopcast>/receipts/aliyun-sms?token=<receipt_token>."""
 
     scheme = "aliyun-sms"
+    batch_most = BATCH_MOST
     channel_kind = "sms"
     # Sign + template + variables up to 500 characters (billed per 70, or 67 when long); SendSms allows 5,000 QPS.
     limits = Limits(body_maxlen=500, rate_per_s=5000)
@@ -142,8 +141,7 @@ class AliyunSmsAdapter(HttpAdapter):
         self.param_field = options.get("template_param_field") or "content"
         self.region = options.get("region") or "cn-hangzhou"
         self.url = root_url(channel, API_ROOT) + "/"
-        self.batch_max = batch_max_option(channel, BATCH_MOST)
-        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
+        self.start_batching(channel)
 
     def _variables(self, message: RenderedMessage) -> dict[str, str]:
         return {self.param_field: strip_signature(message.body, self.sign_name)}
@@ -218,17 +216,10 @@ class AliyunSmsAdapter(HttpAdapter):
     def _provider_id(biz_id: str, message: RenderedMessage) -> str:
         return message_key(biz_id, message.address)
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        if self.batch_max > 1:
-            return await self.batches.send(message)
-        [result] = await self._send_call([message])
-        return result
+    def calls(self, messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+        return calls_of(messages, kind=lambda m: "sms", key=lambda m: number_key(m.address))
 
-    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
-        calls = calls_of(messages, kind=lambda m: "sms", key=lambda m: number_key(m.address))
-        return await results_of_calls(messages, calls, self._send_call)
-
-    async def _send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
+    async def send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
         # A lone message goes as SendSms: its report carries its OutId, and nothing waits for the batch path.
         params = self.params(call[0]) if len(call) == 1 else self.batch_params(call)
         return as_messages(call, await self._call(params), self._provider_id)

@@ -469,6 +469,34 @@ async def results_of_calls(
     return [by_message[id(m)] for m in messages]
 
 
+class CallBatching:
+    """For an adapter whose provider takes many recipients in one call: with the channel option `batch_max`
+    above 1, the sends of one loop turn go as `calls(messages)`; otherwise each message is a call of one.
+    The adapter says how a turn splits (`calls`, default: one call for all) and sends one call
+    (`send_call`, a result per message, in order; a call of one goes the provider's single way)."""
+
+    batch_most: ClassVar[int]
+
+    def start_batching(self, channel: Channel) -> None:
+        self.batch_max = batch_max_option(channel, self.batch_most)
+        self.batches = LoopTurnBatches(self.batch_max, self._send_turn)
+
+    async def send(self, message: RenderedMessage) -> DeliveryResult:
+        if self.batch_max > 1:
+            return await self.batches.send(message)
+        [result] = await self.send_call([message])
+        return result
+
+    def calls(self, messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+        return [messages]
+
+    async def send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
+        raise NotImplementedError
+
+    async def _send_turn(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        return await results_of_calls(messages, self.calls(messages), self.send_call)
+
+
 class HttpAdapter(ChannelAdapter):
     """An adapter that speaks HTTP: one pooled aiohttp session (opened on first use, closed by `close`)."""
 

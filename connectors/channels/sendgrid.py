@@ -23,22 +23,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
+    CallBatching,
     DeliveryResult,
     HttpAdapter,
     Limits,
-    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
     as_messages,
     bad_signature,
-    batch_max_option,
     batched_receipts,
     calls_of,
     http_failure,
     malformed,
     message_extra,
-    results_of_calls,
 )
 from connectors.channels.devkeys import dev_private_key, public_key_pem
 from schemas.config import Channel
@@ -179,7 +177,7 @@ def message_key(x_message_id: str, message_id: str) -> str:
     return f"{x_message_id}:{message_id}"
 
 
-class SendgridAdapter(HttpAdapter):
+class SendgridAdapter(CallBatching, HttpAdapter):
     """Options: `from` (an RFC 5322 mailbox of a verified sender; default "<brand> <no-reply@example.com>"),
     `batch_max` (1-1000, default 1: how many messages one Mail Send request may carry).
 
@@ -190,6 +188,7 @@ class SendgridAdapter(HttpAdapter):
     """
 
     scheme = "sendgrid"
+    batch_most = BATCH_MOST
     channel_kind = "email"
     # Mail Send takes up to 10,000 requests/s per account; a message (with attachments) is at most 30 MB.
     limits = Limits(title_maxlen=998, body_maxlen=30_000_000, rate_per_s=10_000)
@@ -248,19 +247,12 @@ class SendgridAdapter(HttpAdapter):
             )
         self.sender = (name, address)
         self.url = f"{str(channel.url or API_ROOT).rstrip('/')}/v3/mail/send"
-        self.batch_max = batch_max_option(channel, BATCH_MOST)
-        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
+        self.start_batching(channel)
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        if self.batch_max > 1:
-            return await self.batches.send(message)
-        [result] = await self._send_call([message])
-        return result
+    def calls(self, messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+        return mail_sends(messages)
 
-    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
-        return await results_of_calls(messages, mail_sends(messages), self._send_call)
-
-    async def _send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
+    async def send_call(self, call: list[RenderedMessage]) -> list[DeliveryResult]:
         # A lone message goes as an ordinary send: nothing to share, and no tags to substitute.
         body = mail_body(call[0], self.sender) if len(call) == 1 else batch_body(call, self.sender)
         return as_messages(

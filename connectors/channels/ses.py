@@ -30,21 +30,19 @@ from yarl import URL
 
 from connectors.channels.base import (
     Answer,
+    CallBatching,
     DeliveryResult,
     HttpAdapter,
     Limits,
-    LoopTurnBatches,
     Receipt,
     ReceiptRejected,
     ReceiptRequest,
     accepted,
     bad_signature,
-    batch_max_option,
     calls_of,
     malformed,
     message_extra,
     rejected,
-    results_of_calls,
 )
 from connectors.channels.devkeys import dev_private_key
 from schemas.config import Channel
@@ -296,7 +294,7 @@ def entry_result(entry: object) -> DeliveryResult:
     return rejected(status, raw, retryable=status in RETRYABLE_STATUSES)
 
 
-class SesAdapter(HttpAdapter):
+class SesAdapter(CallBatching, HttpAdapter):
     """Options: `region` (default us-east-1; the API root is https://email.<region>.amazonaws.com),
     `from` (a verified identity; default "<brand> <no-reply@example.com>"), `configuration_set` (the
     one whose event destination publishes Delivery/Bounce events to SNS), `batch_max` (1-50, default 1:
@@ -311,6 +309,7 @@ class SesAdapter(HttpAdapter):
     """
 
     scheme = "ses"
+    batch_most = BATCH_MOST
     channel_kind = "email"
     # A message is at most 40 MB; the sending rate is per account (14/s when production access starts,
     # raised on request), so it belongs on the channel's rate_per_s, not here.
@@ -380,8 +379,7 @@ class SesAdapter(HttpAdapter):
         root = str(channel.url) if channel.url else f"https://email.{self.region}.amazonaws.com"
         self.url = f"{root.rstrip('/')}{SEND_PATH}"
         self.bulk_url = f"{root.rstrip('/')}{BULK_PATH}"
-        self.batch_max = batch_max_option(channel, BATCH_MOST)
-        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
+        self.start_batching(channel)
 
     async def _post(self, url: str, request: dict) -> Answer | DeliveryResult:
         """One signed call: SES's 2xx answer, or the failed delivery its error (or no answer) means."""
@@ -405,11 +403,6 @@ class SesAdapter(HttpAdapter):
             return answer.failure(code=error_type, transient=error_type in RETRYABLE_ERRORS)
         return answer
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        if self.batch_max > 1:
-            return await self.batches.send(message)
-        return await self._send_one(message)
-
     async def _send_one(self, message: RenderedMessage) -> DeliveryResult:
         answer = await self._post(self.url, send_body(message, self.sender, self.configuration_set))
         if isinstance(answer, DeliveryResult):
@@ -419,7 +412,7 @@ class SesAdapter(HttpAdapter):
         except (ValueError, KeyError, TypeError):
             return malformed(answer.text)  # SendEmail takes no idempotency token: a retry could send twice
 
-    async def _send_bulk(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+    async def send_call(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
         if len(messages) == 1:  # a lone message: SendEmail, as with batch_max 1
             return [await self._send_one(messages[0])]
         answer = await self._post(self.bulk_url, bulk_body(messages, self.sender, self.configuration_set))
@@ -433,5 +426,5 @@ class SesAdapter(HttpAdapter):
         except (ValueError, KeyError, TypeError):
             return [malformed(answer.text)] * len(messages)  # no idempotency token here either
 
-    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
-        return await results_of_calls(messages, bulk_calls(messages), self._send_bulk)
+    def calls(self, messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
+        return bulk_calls(messages)

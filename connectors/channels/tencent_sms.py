@@ -24,21 +24,19 @@ from pydantic import BaseModel, SecretStr
 
 from connectors.channels.base import (
     Answer,
+    CallBatching,
     DeliveryResult,
     HttpAdapter,
     Limits,
-    LoopTurnBatches,
     Receipt,
     ReceiptRequest,
     accepted,
-    batch_max_option,
     batched_receipts,
     calls_of,
     malformed,
     query_value,
     rejected,
     require_secret,
-    results_of_calls,
     root_url,
 )
 from schemas.config import Channel
@@ -114,13 +112,14 @@ def retryable(code: str) -> bool:
     return code.startswith(("LimitExceeded", "RequestLimitExceeded", "InternalError"))
 
 
-class TencentSmsAdapter(HttpAdapter):
+class TencentSmsAdapter(CallBatching, HttpAdapter):
     """Options: `sdk_app_id` (required, SmsSdkAppId), `template_id` (required, an approved template whose
     one variable takes the body), `sign_name` (default: the channel's brand; global SMS may omit it),
     `region` (X-TC-Region, default ap-guangzhou). Receipts: set the status callback URL to
     <loopcast>/receipts/tencent-sms?token=<receipt_token>."""
 
     scheme = "tencent-sms"
+    batch_most = BATCH_MOST
     channel_kind = "sms"
     # Sign + body up to 500 characters (billed per 70, or 67 when long); SendSms allows 3,000 requests/s.
     limits = Limits(body_maxlen=500, rate_per_s=3000)
@@ -163,8 +162,7 @@ class TencentSmsAdapter(HttpAdapter):
         root = root_url(channel, API_ROOT)
         self.url = root + "/"
         self.host = urlsplit(root).netloc
-        self.batch_max = batch_max_option(channel, BATCH_MOST)
-        self.batches = LoopTurnBatches(self.batch_max, self._send_batch)
+        self.start_batching(channel)
 
     def template_param(self, message: RenderedMessage) -> str:
         """The template's one variable: the body without the copy engine's 【SignName】 (the platform adds it)."""
@@ -174,7 +172,7 @@ class TencentSmsAdapter(HttpAdapter):
         return body
 
     def payload(self, messages: list[RenderedMessage]) -> bytes:
-        """One SendSms call for `messages`, which share their copy (see `_send_batch`)."""
+        """One SendSms call for `messages`, which share their copy (see `calls`)."""
         request = {
             "PhoneNumberSet": [e164(m.address) for m in messages],
             "SmsSdkAppId": self.sdk_app_id,
@@ -198,23 +196,16 @@ class TencentSmsAdapter(HttpAdapter):
             "X-TC-Region": self.region,
         }
 
-    async def send(self, message: RenderedMessage) -> DeliveryResult:
-        if self.batch_max > 1:
-            return await self.batches.send(message)
-        [result] = await self._call([message])
-        return result
-
-    async def _send_batch(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+    def calls(self, messages: list[RenderedMessage]) -> list[list[RenderedMessage]]:
         # One TemplateParamSet per call: only the same copy shares one, and mainland numbers apart from others
         # (Tencent refuses a mix).
-        calls = calls_of(
+        return calls_of(
             messages,
             kind=lambda m: (self.template_param(m), e164(m.address).startswith("+86")),
             key=lambda m: e164(m.address),
         )
-        return await results_of_calls(messages, calls, self._call)
 
-    async def _call(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+    async def send_call(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
         """One SendSms call: each message's result, in order."""
         payload = self.payload(messages)
         response = await self.request("POST", self.url, data=payload, headers=self.headers(payload, int(time.time())))

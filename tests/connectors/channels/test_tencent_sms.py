@@ -221,7 +221,8 @@ def test_the_sandbox_holds_a_call_to_tencents_limits(numbers, code, tmp_path) ->
     async def run():
         async with ProviderHarness("tencent-sms", tmp_path) as h:
             adapter = h.adapter(format="sms-cn", options=BATCH)
-            return await adapter._call([h.message(message_id=f"m{i}", address=n) for i, n in enumerate(numbers)]), h.box
+            messages = [h.message(message_id=f"m{i}", address=n) for i, n in enumerate(numbers)]
+            return await adapter.send_call(messages), h.box
 
     results, box = asyncio.run(run())
     assert {(r.status, r.error_code) for r in results} == {(DeliveryStatus.failed, code)}
