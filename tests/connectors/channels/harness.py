@@ -82,6 +82,10 @@ class ProviderHarness:
         self._adapters.append(adapter)
         return adapter
 
+    async def send_together(self, adapter: ChannelAdapter, messages: list[RenderedMessage]) -> list[DeliveryResult]:
+        """The messages sent at the same moment (one loop turn: what a batching adapter puts in one call)."""
+        return list(await asyncio.gather(*(adapter.send(m) for m in messages)))
+
     async def receipts(self, count: int, timeout_s: float = 10) -> list[Receipt]:
         """Wait until `count` receipts were parsed (a deadline, not a sleep)."""
         async with self._arrived:

@@ -88,7 +88,7 @@ def test_a_batch_goes_as_one_call_with_each_recipients_number_and_words(tmp_path
         async with ProviderHarness("aliyun-sms", tmp_path) as h:
             adapter = h.adapter(format="sms-cn", options=BATCH)
             messages = [h.message(message_id=f"m{i}", address=n, body=f"你好 {i}") for i, n in enumerate(numbers)]
-            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            results = await h.send_together(adapter, messages)
             receipts = await h.receipts(len(numbers))
             return results, receipts, [r.body for r in h.box.received], {r.provider_message_id for r in h.box.received}
 
@@ -109,7 +109,7 @@ def test_a_number_twice_in_one_turn_goes_in_two_calls(tmp_path) -> None:
             adapter = h.adapter(format="sms-cn", options=BATCH)
             same = ["13800138000", "+8613800138000", "13900139000"]
             messages = [h.message(message_id=f"m{i}", address=n) for i, n in enumerate(same)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+            return await h.send_together(adapter, messages), h.box.received
 
     results, arrived = asyncio.run(run())
     ids = [r.provider_message_id for r in results]
@@ -125,7 +125,7 @@ def test_a_refused_batch_fails_every_message_in_it(tmp_path) -> None:
             h.box.faults = h.box.faults.model_copy(update={"throttle_rate": 1.0})
             adapter = h.adapter(format="sms-cn", options=BATCH)
             messages = [h.message(message_id=f"m{i}", address=f"1380013800{i}") for i in range(3)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages))
+            return await h.send_together(adapter, messages)
 
     results = asyncio.run(run())
     assert [(r.status, r.error_code, r.retryable) for r in results] == [
@@ -216,7 +216,7 @@ def test_a_seeded_batch_gives_each_recipient_its_own_fate_and_counts_each(tmp_pa
             h.box.faults = h.box.faults.model_copy(update={"undelivered_rate": 0.5, "seed": 3})
             adapter = h.adapter(format="sms-cn", options=BATCH)
             messages = [h.message(message_id=f"m{i}", address=n, body=f"你好 {i}") for i, n in enumerate(numbers)]
-            await asyncio.gather(*(adapter.send(m) for m in messages))
+            await h.send_together(adapter, messages)
             return await h.receipts(len(numbers)), h.box.stats()
 
     receipts, stats = asyncio.run(run())

@@ -134,7 +134,7 @@ def test_a_batch_goes_as_one_request_and_each_receipt_finds_its_own_message(tmp_
                 )
                 for i in range(5)
             ]
-            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            results = await h.send_together(adapter, messages)
             return results, await h.receipts(5), h.box.received
 
     results, receipts, arrived = asyncio.run(run())
@@ -158,7 +158,7 @@ def test_html_and_plain_messages_go_in_separate_requests(tmp_path) -> None:
                 h.message(message_id=f"m{i}", address=f"u{i}@example.org", html="<p>hi</p>" if i % 2 else None)
                 for i in range(4)
             ]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+            return await h.send_together(adapter, messages), h.box.received
 
     results, arrived = asyncio.run(run())
     requests = {}
@@ -181,7 +181,7 @@ def test_a_body_past_the_substitutions_limit_goes_alone(tmp_path) -> None:
             messages = [
                 h.message(message_id=f"m{i}", address=f"u{i}@example.org", body=b) for i, b in enumerate(bodies)
             ]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+            return await h.send_together(adapter, messages), h.box.received
 
     results, arrived = asyncio.run(run())
     assert all(r.status is DeliveryStatus.accepted for r in results)
@@ -199,7 +199,7 @@ def test_an_address_twice_in_one_turn_goes_in_two_requests(tmp_path) -> None:
             adapter = h.adapter(format="email", options=BATCH)
             addresses = ["ann@example.org", "Ann@Example.org", "bob@example.org"]
             messages = [h.message(message_id=f"m{i}", address=a) for i, a in enumerate(addresses)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received, h.box.rejected
+            return await h.send_together(adapter, messages), h.box.received, h.box.rejected
 
     results, arrived, rejected = asyncio.run(run())
     assert all(r.status is DeliveryStatus.accepted for r in results) and not rejected
@@ -217,7 +217,7 @@ def test_a_refused_batch_fails_every_message_in_it(tmp_path) -> None:
             h.box.faults = h.box.faults.model_copy(update={"throttle_rate": 1.0})
             adapter = h.adapter(format="email", options=BATCH)
             messages = [h.message(message_id=f"m{i}", address=f"u{i}@example.org") for i in range(3)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box
+            return await h.send_together(adapter, messages), h.box
 
     results, box = asyncio.run(run())
     assert [(r.status, r.error_code, r.retryable) for r in results] == [(DeliveryStatus.failed, "http_429", True)] * 3

@@ -204,7 +204,7 @@ def test_a_batch_goes_as_one_call_each_message_with_its_own_words_id_and_receipt
                 )
                 for i, (title, text, html) in enumerate(words)
             ]
-            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            results = await h.send_together(adapter, messages)
             receipts = await h.receipts(len(messages))
             return results, receipts, list(h.box.received)
 
@@ -291,7 +291,7 @@ def test_a_rejected_entry_fails_only_its_message(tmp_path) -> None:
             adapter = h.adapter(format="email", options=BATCH)
             addresses = ["ann@example.org", "reject-bob@example.org", "cy@example.org"]
             messages = [h.message(message_id=f"m{i}", address=a) for i, a in enumerate(addresses)]
-            results = await asyncio.gather(*(adapter.send(m) for m in messages))
+            results = await h.send_together(adapter, messages)
             receipts = await h.receipts(2)
             return results, receipts, list(h.box.received), h.box.rejected
 
@@ -324,7 +324,7 @@ def test_a_failed_call_fails_every_message_in_it(faults: dict, address: str, exp
             # One malformed address spoils the whole request, as SES validates it before any entry is sent.
             addresses = ["zed@example.org", address, "cy@example.org"]
             messages = [h.message(message_id=f"m{i}", address=a) for i, a in enumerate(addresses)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box.received
+            return await h.send_together(adapter, messages), h.box.received
 
     results, arrived = asyncio.run(run())
     assert [(r.status, r.error_code, r.retryable) for r in results] == [(DeliveryStatus.failed, *expected)] * 3

@@ -83,7 +83,7 @@ BATCH = {**OPTIONS, "batch_max": "200"}
 async def send_all(h: ProviderHarness, messages: list) -> list:
     """The messages sent in one turn of the event loop through a batching adapter."""
     adapter = h.adapter(format="sms-cn", options=BATCH)
-    return await asyncio.gather(*(adapter.send(m) for m in messages))
+    return await h.send_together(adapter, messages)
 
 
 def calls(box) -> dict[str, list[dict]]:
@@ -199,7 +199,7 @@ def test_a_failed_call_fails_every_message_in_it(faults, channel, outcome, tmp_p
             h.box.faults = h.box.faults.model_copy(update=faults)
             adapter = h.adapter(format="sms-cn", options=BATCH, **channel)
             messages = [h.message(message_id=f"m{i}", address=f"1380013800{i}") for i in range(3)]
-            return await asyncio.gather(*(adapter.send(m) for m in messages)), h.box
+            return await h.send_together(adapter, messages), h.box
 
     results, box = asyncio.run(run())
     assert [(r.status, r.error_code, r.retryable, r.retry_after_s) for r in results] == [
