@@ -76,10 +76,6 @@ class Output:
         self.items.clear()
         return acks
 
-    async def flush(self, producer: AIOKafkaProducer) -> None:
-        """Into Kafka, awaited."""
-        await asyncio.gather(*await self.queue(producer))
-
 
 class Recent(OrderedDict):
     """A bounded memory of recent results by key (oldest forgotten first)."""

@@ -137,8 +137,6 @@ class ApnsAdapter(ChannelAdapter):
 
         try:
             response = await self.token.call(post, expired)
-        except httpx.TimeoutException as exc:
-            return transport_failure(TimeoutError(repr(exc)))
         except httpx.HTTPError as exc:
             return transport_failure(exc)
         if isinstance(response, DeliveryResult):

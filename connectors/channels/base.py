@@ -19,6 +19,7 @@ from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
+import httpx
 from pydantic import BaseModel, ConfigDict
 
 from schemas.config import Channel
@@ -95,7 +96,7 @@ def http_failure(
 
 def transport_failure(exc: BaseException) -> DeliveryResult:
     """No answer (timeout, refused connection): retryable; the provider may not have seen it."""
-    code = "timeout" if isinstance(exc, TimeoutError) else "transport"
+    code = "timeout" if isinstance(exc, TimeoutError | httpx.TimeoutException) else "transport"
     return DeliveryResult(status=DeliveryStatus.failed, retryable=True, error_code=code, raw=repr(exc)[:500])
 
 
@@ -453,22 +454,6 @@ def as_messages(
     return [accepted(provider_id(result.provider_message_id, m), result.raw) for m in call]
 
 
-async def results_of_calls(
-    messages: list[RenderedMessage],
-    calls: list[list[RenderedMessage]],
-    call: Callable[[list[RenderedMessage]], Awaitable[list[DeliveryResult]]],
-) -> list[DeliveryResult]:
-    """Each message's result, in the order of `messages`, when they go as `calls` at once (`call` answers one
-    result per message of its call, in order)."""
-    answers = await asyncio.gather(*(call(c) for c in calls))
-    by_message = {
-        id(message): result
-        for sent, results in zip(calls, answers, strict=True)
-        for message, result in zip(sent, results, strict=True)
-    }
-    return [by_message[id(m)] for m in messages]
-
-
 class CallBatching:
     """For an adapter whose provider takes many recipients in one call: with the channel option `batch_max`
     above 1, the sends of one loop turn go as `calls(messages)`; otherwise each message is a call of one.
@@ -494,7 +479,15 @@ class CallBatching:
         raise NotImplementedError
 
     async def _send_turn(self, messages: list[RenderedMessage]) -> list[DeliveryResult]:
-        return await results_of_calls(messages, self.calls(messages), self.send_call)
+        """Each message's result, in the order of `messages`: the turn's calls go at once."""
+        calls = self.calls(messages)
+        answers = await asyncio.gather(*(self.send_call(c) for c in calls))
+        by_message = {
+            id(message): result
+            for sent, results in zip(calls, answers, strict=True)
+            for message, result in zip(sent, results, strict=True)
+        }
+        return [by_message[id(m)] for m in messages]
 
 
 class HttpAdapter(ChannelAdapter):

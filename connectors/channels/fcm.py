@@ -138,8 +138,6 @@ class FcmAdapter(ChannelAdapter):
         """One HTTP exchange: the provider's answer, or a `transport_failure` when none came."""
         try:
             response = await self.client.request(method, url, **kwargs)
-        except httpx.TimeoutException as exc:
-            return transport_failure(TimeoutError(repr(exc)))
         except httpx.HTTPError as exc:
             return transport_failure(exc)
         return Answer(response.status_code, response.text, response.headers)
