@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 import fastavro
 from pydantic import BaseModel, ValidationError
@@ -30,6 +31,37 @@ def _crc_table() -> list[int]:
 
 
 _TABLE = _crc_table()
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_MS = timedelta(milliseconds=1)
+
+
+def _is_millis(avro_type) -> bool:
+    return isinstance(avro_type, dict) and avro_type.get("logicalType") == "timestamp-millis"
+
+
+def _nests_models(annotation) -> bool:
+    """Whether a field's type has a model anywhere in it (dumping turns those into dicts for Avro)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_nests_models(arg) for arg in get_args(annotation))
+
+
+def to_millis(value: datetime) -> int:
+    """Exact milliseconds since the epoch; a naive time is taken as UTC, as fastavro takes it."""
+    return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - EPOCH) // ONE_MS
+
+
+def from_millis(value: int) -> datetime:
+    if -_FLOAT_EXACT < value < _FLOAT_EXACT:
+        return datetime.fromtimestamp(value / 1000, UTC)  # a quarter of the cost of adding a timedelta
+    return EPOCH + value * ONE_MS
+
+
+# Below 2**42 ms (the years 1831-2109) a float's error in seconds stays under half a microsecond, so
+# fromtimestamp's rounding to microseconds gives the exact milliseconds back.
+_FLOAT_EXACT = 2**42
 
 
 def crc64_avro(data: bytes) -> int:
@@ -65,6 +97,22 @@ class AvroCodec:
             if isinstance(f.annotation, type) and issubclass(f.annotation, Enum)
         ]
         self._fields = frozenset(model.model_fields)
+        # Fields fastavro would turn into dicts: without them, a value's own __dict__ is the record.
+        self._flat = not any(_nests_models(f.annotation) for f in model.model_fields.values())
+        # The current schema with its timestamps as plain longs, converted here: fastavro's conversion
+        # was about 1 µs a timestamp, a sixth of reading an outcome, where this one is 0.3.
+        self._times = tuple(f["name"] for f in parsed_schema["fields"] if _is_millis(f["type"]))
+        # Named types it refers to are put in place too: fastavro looks a name up on every read.
+        named = parsed_schema.get("__named_schemas", {})
+        self._plain = {
+            **parsed_schema,
+            "fields": [
+                {**f, "type": "long" if f["name"] in self._times else named.get(f["type"], f["type"])}
+                if f["name"] in self._times or (isinstance(f["type"], str) and f["type"] in named)
+                else f
+                for f in parsed_schema["fields"]
+            ],
+        }
         # Writer schemas we can still read, by fingerprint (the current one first).
         self.writers: dict[bytes, dict] = {self.fingerprint: parsed_schema}
         for schema in older or []:
@@ -74,7 +122,10 @@ class AvroCodec:
     def encode(self, value: BaseModel) -> bytes:
         buf = io.BytesIO()
         buf.write(self.header)
-        fastavro.schemaless_writer(buf, self.schema, value.model_dump(mode="python"))
+        record = dict(value.__dict__) if self._flat else value.model_dump(mode="python")
+        for name in self._times:
+            record[name] = to_millis(record[name])
+        fastavro.schemaless_writer(buf, self._plain, record)
         return buf.getvalue()
 
     def decode(self, data: bytes | None, *, allow_json: bool = False, trusted: bool = False) -> M:
@@ -88,7 +139,12 @@ class AvroCodec:
             if writer is None:
                 raise DecodeError(f"unknown schema fingerprint {bytes(data[2:10]).hex()} for {self.model.__name__}")
             try:
-                record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self.schema)
+                if writer is self.schema:
+                    record = fastavro.schemaless_reader(io.BytesIO(data[10:]), self._plain, None)
+                    for name in self._times:
+                        record[name] = from_millis(record[name])
+                else:
+                    record = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, self.schema)
             except Exception as exc:  # fastavro raises many types on truncated or corrupt bodies
                 raise DecodeError(f"corrupt Avro body for {self.model.__name__}: {exc!r}") from exc
             if trusted and writer is self.schema:
