@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import TypeVar, get_args
 
 import fastavro
 from pydantic import BaseModel, ValidationError
+
+from schemas.models import assemble, from_millis, to_millis
 
 MAGIC = b"\xc3\x01"
 _EMPTY = 0xC15D213AA4D7A795
@@ -33,10 +34,6 @@ def _crc_table() -> list[int]:
 _TABLE = _crc_table()
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-ONE_MS = timedelta(milliseconds=1)
-
-
 def _is_millis(avro_type) -> bool:
     return isinstance(avro_type, dict) and avro_type.get("logicalType") == "timestamp-millis"
 
@@ -46,22 +43,6 @@ def _nests_models(annotation) -> bool:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return True
     return any(_nests_models(arg) for arg in get_args(annotation))
-
-
-def to_millis(value: datetime) -> int:
-    """Exact milliseconds since the epoch; a naive time is taken as UTC, as fastavro takes it."""
-    return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - EPOCH) // ONE_MS
-
-
-def from_millis(value: int) -> datetime:
-    if -_FLOAT_EXACT < value < _FLOAT_EXACT:
-        return datetime.fromtimestamp(value / 1000, UTC)  # a quarter of the cost of adding a timedelta
-    return EPOCH + value * ONE_MS
-
-
-# Below 2**42 ms (the years 1831-2109) a float's error in seconds stays under half a microsecond, so
-# fromtimestamp's rounding to microseconds gives the exact milliseconds back.
-_FLOAT_EXACT = 2**42
 
 
 def crc64_avro(data: bytes) -> int:
@@ -90,13 +71,12 @@ class AvroCodec:
         )
         # What every record written with the current schema starts with.
         self.header = MAGIC + self.fingerprint
-        # For trusted records: the enum fields (fastavro hands back their symbols as str), every field.
+        # For trusted records: the enum fields (fastavro hands back their symbols as str).
         self._enums = [
             (name, f.annotation._value2member_map_)
             for name, f in model.model_fields.items()
             if isinstance(f.annotation, type) and issubclass(f.annotation, Enum)
         ]
-        self._fields = frozenset(model.model_fields)
         # Fields fastavro would turn into dicts: without them, a value's own __dict__ is the record.
         self._flat = not any(_nests_models(f.annotation) for f in model.model_fields.values())
         # The current schema with its timestamps as plain longs, converted here: fastavro's conversion
@@ -164,13 +144,7 @@ class AvroCodec:
         (every field present, no extras, no private attributes), without its per-field Python loop."""
         for name, members in self._enums:
             record[name] = members[record[name]]  # the writer's schema has no symbol the model lacks
-        value = self.model.__new__(self.model)
-        _set = object.__setattr__
-        _set(value, "__dict__", record)
-        _set(value, "__pydantic_fields_set__", set(self._fields))
-        _set(value, "__pydantic_extra__", None)
-        _set(value, "__pydantic_private__", None)
-        return value
+        return assemble(self.model, record)
 
     def _validate(self, record: object) -> M:
         try:

@@ -5,9 +5,10 @@ A parametrised test checks that every model and its .avsc agree field by field.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -26,12 +27,46 @@ def to_utc_millis(value: datetime) -> datetime:
 Timestamp = Annotated[datetime, AfterValidator(to_utc_millis)]
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_MS = timedelta(milliseconds=1)
+# Below 2**42 ms (the years 1831-2109) a float's error in seconds stays under half a microsecond, so
+# fromtimestamp's rounding to microseconds gives the exact milliseconds back.
+_FLOAT_EXACT = 2**42
+
+
+def to_millis(value: datetime) -> int:
+    """Exact milliseconds since the epoch; a naive time is taken as UTC (as fastavro takes it)."""
+    return ((value if value.tzinfo else value.replace(tzinfo=UTC)) - EPOCH) // ONE_MS
+
+
+def from_millis(value: int) -> datetime:
+    if -_FLOAT_EXACT < value < _FLOAT_EXACT:
+        return datetime.fromtimestamp(value / 1000, UTC)  # a quarter of the cost of adding a timedelta
+    return EPOCH + value * ONE_MS
+
+
 def now_utc() -> datetime:
-    return to_utc_millis(datetime.now(UTC))
+    return from_millis(time.time_ns() // 1_000_000)  # already whole milliseconds: no replace()
 
 
 class Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def assemble(model: type[R], values: dict) -> R:
+    """A model from values that are already of its fields' types, every field present and in order (taken
+    from validated models or trusted records): what model_construct builds, without its per-field loop,
+    and without validating again (4 µs of an outcome's 5)."""
+    value = model.__new__(model)
+    _set = object.__setattr__
+    _set(value, "__dict__", values)
+    _set(value, "__pydantic_fields_set__", set(values))
+    _set(value, "__pydantic_extra__", None)
+    _set(value, "__pydantic_private__", None)
+    return value
 
 
 class Priority(StrEnum):
@@ -165,21 +200,32 @@ class Outcome(Record):
         code: OutcomeCode,
         stage: str,
         reason: str | None = None,
-        **extra,
+        *,
+        provider: str | None = None,
+        provider_message_id: str | None = None,
+        attempt: int | None = None,
     ) -> Outcome:
-        """The outcome of a message at a stage: the one way every stage reports what happened."""
-        return cls(
-            message_id=message.message_id,
-            campaign_id=message.campaign_id,
-            user_id=message.user_id,
-            channel=message.channel,
-            code=code,
-            stage=stage,
-            reason=reason,
-            triggered_at=message.triggered_at,
-            variant=message.variant,
-            fallback_of=message.fallback_of,
-            **extra,
+        """The outcome of a message at a stage: the one way every stage reports what happened. Assembled,
+        not validated: the message is a validated model and the rest is the stage's own values (one is
+        made per message at every stage; a wrong type still fails, when the outcome is encoded)."""
+        return assemble(
+            cls,
+            {
+                "message_id": message.message_id,
+                "campaign_id": message.campaign_id,
+                "user_id": message.user_id,
+                "channel": message.channel,
+                "code": code,
+                "stage": stage,
+                "reason": reason,
+                "provider": provider,
+                "provider_message_id": provider_message_id,
+                "triggered_at": message.triggered_at,
+                "occurred_at": now_utc(),
+                "variant": message.variant,
+                "attempt": attempt,
+                "fallback_of": message.fallback_of,
+            },
         )
 
 

@@ -235,3 +235,14 @@ def test_timestamps_keep_their_milliseconds_from_year_1_to_9999(when: datetime) 
     event = models.Event(event_id="e", event_type="x", user_id="u", occurred_at=when)
     assert codec(models.Event).decode(encode(event)).occurred_at == when
     assert codec(models.Event).decode(encode(event), trusted=True).occurred_at == when
+
+
+def test_an_assembled_outcome_is_the_validated_one() -> None:
+    message = next(s for s in SAMPLES if isinstance(s, models.RenderedMessage))
+    outcome = models.Outcome.of(
+        message, models.OutcomeCode.sent, "dispatch", provider="webhook", provider_message_id="w-1", attempt=2
+    )
+    assert list(outcome.__dict__) == list(models.Outcome.model_fields)  # in the model's order, every field
+    assert models.Outcome.model_validate(outcome.model_dump()) == outcome
+    assert outcome.occurred_at.tzinfo is UTC and not outcome.occurred_at.microsecond % 1000
+    assert codec(models.Outcome).decode(encode(outcome)) == outcome
