@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     redis_port: int = 16379
     # Append-only file on for a stack people use (the demo); tests turn it off for speed.
     redis_aof: bool = True
+    # Redis compacts its append-only file once it has grown past this (and doubled): the compaction
+    # forks a child that took a whole core for 5-6 s at 1.7 M keys, and at Redis's 64 MB default
+    # it came every few hundred thousand messages, in the middle of a stream (a 168 ms stall here).
+    redis_aof_rewrite_min_mb: int = 1024
     # The worker's HTTP port: click redirects, receipts, ingest, and read-only SQL over its chDB.
     http_port: int = 18800
     sandbox_port: int = 18900

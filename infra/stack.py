@@ -704,6 +704,8 @@ class Stack:
                     "",
                     "--appendonly",
                     "yes" if s.redis_aof else "no",
+                    "--auto-aof-rewrite-min-size",
+                    f"{s.redis_aof_rewrite_min_mb}mb",
                     "--daemonize",
                     "no",
                     "--protected-mode",
