@@ -285,6 +285,7 @@ class StageWorker(mode.Service):
         # collector's sight, so a full collection walks only what the stages keep, not all of it.
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         ready_file(self.settings).parent.mkdir(parents=True, exist_ok=True)
         ready_file(self.settings).write_text(str(os.getpid()))
 
@@ -317,6 +318,14 @@ class StageWorker(mode.Service):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(member.stop() for member in self.members.values()), return_exceptions=True)
+
+
+# The cycle collector's thresholds in a worker (Python's are 700, 10, 10). Messages in flight are
+# young objects that die by reference count, not in cycles: every collection in a 40k burst found
+# nothing, yet at the defaults they cost 330-530 ms of CPU per process (1,000-1,500 passes, a dozen
+# full ones), 30 µs a message; at these, 70-120 ms. Cyclic garbage (an exception and its frames) is
+# still collected, later.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def ready_file(settings: Settings) -> Path:
