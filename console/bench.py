@@ -346,9 +346,9 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
                                  f"{run['missing']} lost, {run['twice']} twice, "
                                  f"CPU µs/msg {({k: round(v) for k, v in run['cpu_us'].items()})}")  # fmt: skip
         burst = scaling[cores]
-        # Warm-up of the paced path, not counted either: small batches and requests take other code paths
-        # in the broker than bursts do, and on a stack started a minute before, the first paced run's p99
-        # was twice a later one's (57-60 ms against 25-30 at 1k/s), with the same code and load.
+        # Warm-up of the paced path, not counted either: on a stack started a minute before, the first paced
+        # run's p99 was twice a later one's (57-60 ms against 25-30 at 1k/s), same code and load; a burst
+        # does not warm it (small batches and requests: which code paths, the broker's or ours, is open).
         pipeline_paced(settings, burst["run"], 1000.0, 5, progress, first=9_000_000)
         drain(settings, progress, "paced warm-up: receipts and outcomes")
         paced = []
