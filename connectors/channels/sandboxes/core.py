@@ -11,7 +11,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,20 @@ class Faults(BaseModel):
 
 
 FaultAnswer = Callable[[str, int], web.Response]
+
+
+def server_closer(server: asyncio.Server, connections: Iterable[asyncio.Protocol]) -> Callable[[], Awaitable[None]]:
+    """The async close a sandbox's `serve` hook hands back for a server of its own (SMTP, HTTP/2): no new
+    connections, the open ones dropped (a client holding one open would keep `wait_closed` waiting)."""
+
+    async def close() -> None:
+        server.close()
+        for connection in list(connections):
+            if getattr(connection, "transport", None) is not None:
+                connection.transport.close()
+        await server.wait_closed()
+
+    return close
 
 
 def default_answer(fault: str, status: int) -> web.Response:

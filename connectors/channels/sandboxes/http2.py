@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from connectors.channels.devkeys import dev_private_key
+from connectors.channels.sandboxes.core import server_closer
 
 KEY_NAME = "sandbox-tls"
 
@@ -162,11 +163,4 @@ async def serve(handle: Handle, settings, offset: int) -> Callable[[], Awaitable
         lambda: H2Server(handle, connections, f"h2-{next(ids)}"), settings.host, settings.sandbox_port + offset, ssl=tls
     )
 
-    async def close() -> None:
-        server.close()
-        for connection in list(connections):
-            if connection.transport is not None:
-                connection.transport.close()
-        await server.wait_closed()
-
-    return close
+    return server_closer(server, connections)

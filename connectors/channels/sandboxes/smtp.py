@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from connectors.channels.sandboxes.core import Sandbox, SandboxContext
+from connectors.channels.sandboxes.core import Sandbox, SandboxContext, server_closer
 
 REPLIES = {
     "outage": "421 4.3.2 Service not available, closing transmission channel",
@@ -92,14 +92,7 @@ async def serve(box: Sandbox, ctx: SandboxContext) -> Callable[[], Awaitable[Non
     loop = asyncio.get_running_loop()
     server = await loop.create_server(factory, ctx.settings.host, smtp_port(ctx.settings))
 
-    async def close() -> None:
-        server.close()
-        for protocol in list(sessions):
-            if protocol.transport is not None:
-                protocol.transport.close()
-        await server.wait_closed()
-
-    return close
+    return server_closer(server, sessions)
 
 
 def routes(box: Sandbox, ctx: SandboxContext) -> list[web.RouteDef]:
