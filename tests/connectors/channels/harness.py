@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from connectors.channels.base import (
@@ -48,6 +49,16 @@ def message(**overrides: Any) -> RenderedMessage:
         "link": "http://127.0.0.1/c/abc",
     }
     return RenderedMessage(**{**fields, **overrides})
+
+
+def assert_refuses_batch_max(
+    scheme: str, value: str, channel_format: str, options: dict[str, str] | None = None
+) -> None:
+    """A `batch_max` the provider's batch call cannot take fails when the adapter is made, not at a send."""
+    cls = adapter_class(scheme)
+    channel = Channel(id="ch", provider=scheme, format=channel_format, options={**(options or {}), "batch_max": value})
+    with pytest.raises(ValueError, match="batch_max"):
+        cls(channel, cls.Credentials())
 
 
 class ProviderHarness:

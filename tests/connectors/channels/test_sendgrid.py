@@ -26,8 +26,7 @@ from connectors.channels.sendgrid import (
     verify_events,
 )
 from infra.settings import Settings
-from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, send_once
+from tests.connectors.channels.harness import ProviderHarness, assert_refuses_batch_max, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -258,9 +257,7 @@ def test_the_sandbox_refuses_what_sendgrid_refuses(tmp_path) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "1001", "many"])
 def test_batch_max_is_what_mail_send_takes(value: str) -> None:
-    channel = Channel(id="ch", provider="sendgrid", format="email", options={"batch_max": value})
-    with pytest.raises(ValueError, match="batch_max"):
-        SendgridAdapter(channel, SendgridAdapter.Credentials())
+    assert_refuses_batch_max("sendgrid", value, "email")
 
 
 @pytest.mark.unit

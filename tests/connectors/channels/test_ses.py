@@ -24,8 +24,7 @@ from connectors.channels.ses import (
     sns_verify,
 )
 from infra.settings import Settings
-from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, send_once
+from tests.connectors.channels.harness import ProviderHarness, assert_refuses_batch_max, send_once
 
 pytestmark = pytest.mark.integration
 
@@ -355,6 +354,4 @@ def test_entry_results_map_to_deliveries() -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "51", "many"])
 def test_batch_max_is_what_sendbulkemail_takes(value: str) -> None:
-    channel = Channel(id="ch", provider="ses", format="email", options={"batch_max": value})
-    with pytest.raises(ValueError, match="batch_max"):
-        SesAdapter(channel, SesAdapter.Credentials())
+    assert_refuses_batch_max("ses", value, "email")

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from connectors.channels.base import Answer, DeliveryStatus, ReceiptRejected, ReceiptRequest, adapter_class
 from connectors.channels.tencent_sms import TencentSmsAdapter, e164, tc3_signature
 from schemas.config import Channel
-from tests.connectors.channels.harness import ProviderHarness, send_once
+from tests.connectors.channels.harness import ProviderHarness, assert_refuses_batch_max, send_once
 from tests.connectors.channels.harness import message as rendered
 
 pytestmark = pytest.mark.integration
@@ -256,9 +256,7 @@ def test_each_numbers_status_is_its_messages_result() -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("value", ["0", "201", "many"])
 def test_batch_max_is_what_sendsms_takes(value: str) -> None:
-    channel = Channel(id="ch", provider="tencent-sms", format="sms-cn", options={**OPTIONS, "batch_max": value})
-    with pytest.raises(ValueError, match="batch_max"):
-        TencentSmsAdapter(channel, TencentSmsAdapter.Credentials())
+    assert_refuses_batch_max("tencent-sms", value, "sms-cn", OPTIONS)
 
 
 @pytest.mark.unit
