@@ -150,10 +150,12 @@ def _first_instant_at(day: date, wall: time, zone: ZoneInfo, fold: int) -> datet
         return instant
     a = datetime.combine(day, wall, tzinfo=zone).replace(fold=0).astimezone(UTC)
     b = datetime.combine(day, wall, tzinfo=zone).replace(fold=1).astimezone(UTC)
-    lo, hi = min(a, b), max(a, b)
+    # From the whole second: transitions fall on whole seconds, and a wall time with a fraction must not
+    # carry it past the transition (found by hypothesis: 02:00:00.000001 in a gap ended 1 µs late).
+    lo, hi = min(a, b).replace(microsecond=0), max(a, b)
     before = lo.astimezone(zone).utcoffset()
     # Bisect on whole seconds for the first instant with the post-transition offset (gaps are at most a day).
-    lo_s, hi_s = 0, int((hi - lo).total_seconds())
+    lo_s, hi_s = 0, math.ceil((hi - lo).total_seconds())
     while lo_s < hi_s:
         mid = (lo_s + hi_s) // 2
         if (lo + timedelta(seconds=mid)).astimezone(zone).utcoffset() == before:
