@@ -25,7 +25,7 @@ from connectors.state import State
 from infra import topics
 from infra.settings import Settings
 from schemas.contracts import encode
-from schemas.models import Event, Outcome, OutcomeCode
+from schemas.models import Event, Outcome, OutcomeCode, assemble, now_utc
 from streams.dispatch import fall_back
 from streams.links import LinkClaims, read_token, read_unsubscribe_token
 from streams.policy import Category, Preferences, apply_unsubscribe, unsubscribe_keyword
@@ -162,18 +162,25 @@ class Endpoints:
             if target is None:
                 unknown += 1
                 continue
-            outcome = Outcome(
-                message_id=target["message_id"],
-                campaign_id=target["campaign_id"],
-                user_id=target["user_id"],
-                channel=target["channel"],
-                code=OutcomeCode.delivered if receipt.delivered else OutcomeCode.undelivered,
-                stage="receipt",
-                reason=None if receipt.delivered else receipt.error_code or "undelivered",
-                provider=scheme,
-                provider_message_id=receipt.provider_message_id,
-                triggered_at=datetime.fromisoformat(target["triggered_at"]),
-                fallback_of=target.get("fallback_of"),
+            # Assembled from what dispatch recorded of the send (strings it wrote), not validated again.
+            outcome = assemble(
+                Outcome,
+                {
+                    "message_id": target["message_id"],
+                    "campaign_id": target["campaign_id"],
+                    "user_id": target["user_id"],
+                    "channel": target["channel"],
+                    "code": OutcomeCode.delivered if receipt.delivered else OutcomeCode.undelivered,
+                    "stage": "receipt",
+                    "reason": None if receipt.delivered else receipt.error_code or "undelivered",
+                    "provider": scheme,
+                    "provider_message_id": receipt.provider_message_id,
+                    "triggered_at": datetime.fromisoformat(target["triggered_at"]),
+                    "occurred_at": now_utc(),
+                    "variant": None,
+                    "attempt": None,
+                    "fallback_of": target.get("fallback_of"),
+                },
             )
             outcomes.append((outcome.user_id.encode(), encode(outcome)))
             if target.get("fallback"):
