@@ -287,6 +287,16 @@ def deploy(settings: Settings, local, processes: int, env: dict[str, str] | None
     make_stack(settings, worker_env={"LOOPCAST_WORKER_PROCESSES": str(processes), **(env or {})}).up(["worker"])
 
 
+def leave(settings: Settings, local, keep_running: bool) -> None:
+    """As the demo does: the stack stops when the bench is done, or keeps running with the configured
+    deployment of workers (not the last one the bench tried)."""
+    if keep_running:
+        local.stop(["worker", "worker-urgent"])
+        stack(settings).up(["worker"])
+    else:
+        local.down()
+
+
 def burst_with_cost(settings: Settings, local, events: int, progress: Progress, label: str) -> dict:
     before = service_cpu(local)
     burst = pipeline_burst(settings, events, progress)
@@ -322,7 +332,9 @@ def stage_costs(settings: Settings, local, events: int, progress: Progress) -> d
             proc.wait(timeout=30)
 
 
-def run_bench(settings: Settings, console: Console, *, events: int, raw_messages: int, backlog: int) -> dict:
+def run_bench(
+    settings: Settings, console: Console, *, events: int, raw_messages: int, backlog: int, keep_running: bool = False
+) -> dict:
     local = stack(settings)
     cores = settings.processes
     with console.status("starting the local stack…"):
@@ -363,8 +375,7 @@ def run_bench(settings: Settings, console: Console, *, events: int, raw_messages
         stages = stage_costs(settings, local, min(events, 10_000), progress)
         progress.console.log(f"CPU µs per message per stage: { ({k: round(v) for k, v in stages.items()}) }")
         urgent = priority_run(settings, local, "urgent lane", backlog, progress)
-    local.stop(["worker", "worker-urgent"])
-    stack(settings).up(["worker"])  # back to the configured deployment
+    leave(settings, local, keep_running)
     raw_rate = min(produce_rate, consume_rate)
     table = Table(title="Loopcast benchmark (one run, this machine)")
     columns = ("measure", "messages", "msg/s", "p50 ms", "p99 ms", "lost / twice")
@@ -661,7 +672,13 @@ def priority_run(settings: Settings, local, layout: str, backlog: int, progress:
 
 
 def run_policy_bench(
-    settings: Settings, console: Console, *, messages: int, backlog: int, layouts: list[str] | None = None
+    settings: Settings,
+    console: Console,
+    *,
+    messages: int,
+    backlog: int,
+    layouts: list[str] | None = None,
+    keep_running: bool = False,
 ) -> dict:
     local = stack(settings)
     with console.status("starting the local stack…"):
@@ -671,8 +688,7 @@ def run_policy_bench(
         rate = asyncio.run(policy_throughput(settings, messages, 500))
         progress.update(task, total=1, completed=1)
         runs = [priority_run(settings, local, layout, backlog, progress) for layout in layouts or LAYOUTS]
-    local.stop(["worker", "worker-urgent"])
-    stack(settings).up(["worker"])  # back to the configured settings
+    leave(settings, local, keep_running)
     table = Table(title="Delivery policy benchmark (one run, this machine)")
     for column in ("measure", "value", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")

@@ -148,7 +148,11 @@ def failover(settings: Settings, rate: float, seconds: float, outage_after_s: fl
     }
 
 
-def run_dispatch_bench(settings: Settings, console: Console, *, sends: int, latency_ms: float) -> dict:
+def run_dispatch_bench(
+    settings: Settings, console: Console, *, sends: int, latency_ms: float, keep_running: bool = False
+) -> dict:
+    from console.bench import leave
+
     local = stack(settings)
     with console.status("starting the local stack with a dispatch-only worker…"):
         local.up([*INFRA, "sandbox"])
@@ -159,8 +163,7 @@ def run_dispatch_bench(settings: Settings, console: Console, *, sends: int, late
             speed = throughput(settings, sends, latency_ms, progress)
             moved = failover(settings, rate=300, seconds=8, outage_after_s=3, progress=progress)
     finally:
-        local.stop(["worker"])
-        stack(settings).up(["worker"])  # back to the configured worker
+        leave(settings, local, keep_running)
     table = Table(title="Dispatch benchmark (one worker, this machine)")
     for column in ("measure", "value", "goal"):
         table.add_column(column, justify="left" if column == "measure" else "right")

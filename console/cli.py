@@ -33,6 +33,8 @@ app.add_typer(report_app, name="report")
 app.add_typer(config_app, name="config")
 console = Console()
 err = Console(stderr=True)
+# The demo and the benchmarks start the local stack and stop it when done, unless asked not to.
+KeepRunning = Annotated[bool, typer.Option(help="Leave the stack running afterwards.")]
 
 
 class Format(StrEnum):
@@ -381,7 +383,7 @@ def report_alerts(
 def demo(
     users: Annotated[int, typer.Option(help="Shoppers in the generated shop.")] = 300,
     seed: Annotated[int, typer.Option()] = 7,
-    keep_running: Annotated[bool, typer.Option(help="Leave the stack running afterwards.")] = False,
+    keep_running: KeepRunning = False,
     knowledge_job: Annotated[
         bool, typer.Option(help="Run the Spark knowledge job (~35 s: keywords, phrases) before the top rows.")
     ] = True,
@@ -405,14 +407,16 @@ def bench(
     events: Annotated[int, typer.Option(help="Trigger events pushed through the pipeline.")] = 20_000,
     raw_messages: Annotated[int, typer.Option(help="Messages for the raw Kafka baseline.")] = 200_000,
     backlog: Annotated[int, typer.Option(help="Low-priority backlog the urgent messages cut through.")] = 100_000,
+    keep_running: KeepRunning = False,
 ) -> None:
     """Raw Kafka throughput, then the whole pipeline: burst (1 and all-core worker processes), paced
-    1k/s and 5k/s, CPU per message per stage, urgent latency under a backlog — in one run."""
+    1k/s and 5k/s, CPU per message per stage, urgent latency under a backlog — in one run; stops the
+    stack unless --keep-running."""
     if ctx.invoked_subcommand is not None:
         return
     from console.bench import run_bench
 
-    run_bench(Settings(), console, events=events, raw_messages=raw_messages, backlog=backlog)
+    run_bench(Settings(), console, events=events, raw_messages=raw_messages, backlog=backlog, keep_running=keep_running)
 
 
 @bench_app.command("render")
@@ -439,11 +443,12 @@ def bench_audience(
 def bench_dispatch(
     sends: Annotated[int, typer.Option(help="Messages sent in the throughput run.")] = 30_000,
     latency_ms: Annotated[float, typer.Option(help="How long the provider sandbox takes to answer.")] = 5,
+    keep_running: KeepRunning = False,
 ) -> None:
     """One worker's sends/s to an HTTP provider sandbox, and how fast an outage moves traffic to the standby."""
     from console.bench_dispatch import run_dispatch_bench
 
-    run_dispatch_bench(Settings(), console, sends=sends, latency_ms=latency_ms)
+    run_dispatch_bench(Settings(), console, sends=sends, latency_ms=latency_ms, keep_running=keep_running)
 
 
 @bench_app.command("policy")
@@ -453,6 +458,7 @@ def bench_policy(
     layout: Annotated[
         list[str] | None, typer.Option(help="Only these deployments (repeatable): 'urgent lane', 'one worker, …'.")
     ] = None,
+    keep_running: KeepRunning = False,
 ) -> None:
     """Policy check throughput, and urgent latency under a low-priority backlog with and without routing."""
     from console.bench import LAYOUTS, run_policy_bench
@@ -460,7 +466,7 @@ def bench_policy(
     unknown = set(layout or []) - set(LAYOUTS)
     if unknown:
         raise fail(f"unknown layout(s) {sorted(unknown)}; choose from {list(LAYOUTS)}")
-    run_policy_bench(Settings(), console, messages=messages, backlog=backlog, layouts=layout)
+    run_policy_bench(Settings(), console, messages=messages, backlog=backlog, layouts=layout, keep_running=keep_running)
 
 
 @bench_app.command("ab")
