@@ -47,9 +47,10 @@ def layout(stages: Sequence[StageSpec], processes: int, halves: bool = False) ->
     more take turns at the halves of the send path instead (match and render; throttle and dispatch): each
     stage reads all its partitions in fewer processes, so its batches are bigger and the loop makes about
     half the Kafka, Redis and provider requests per message. That is for steady traffic: at a steady 1k/s on
-    2 cores p99 went from ~160 ms to 58 ms and the broker's CPU halved (50-message steps: p99 44 → 27 ms).
-    A burst goes 8-13% slower that way (20k and 60k events: 4.4-4.9k msg/s against 5.0-5.5k), as each half
-    waits for the other to fill and to drain, so the default shares."""
+    2 cores p99 went from ~160 ms to 58 ms and the broker's CPU halved (50-message steps: p99 44 → 27 ms);
+    a later round's probe gave 83 ms against 146-169. A burst is slower that way (20k and 60k events:
+    4.4-4.9k msg/s against 5.0-5.5k; later 4.6-4.7k against 4.6-5.4k), as each half waits for the other to
+    fill and to drain, so the default shares."""
     names = [s.name for s in stages]
     owner = [s.name for s in stages if not s.send_path]
     sending = [s.name for s in stages if s.send_path]
