@@ -361,7 +361,9 @@ def run_bench(
         # Warm-up of the paced path, not counted either: on a stack started a minute before, the first paced
         # run's p99 was twice a later one's (57-60 ms against 25-30 at 1k/s), same code and load; a burst
         # does not warm it (small batches and requests: which code paths, the broker's or ours, is open).
-        pipeline_paced(settings, burst["run"], 1000.0, 5, progress, first=9_000_000)
+        # 5 s of it still left the next runs settling: 10 s runs at 1k/s after it gave p99 45, 35, 37, then
+        # 31 and 31 ms. In the slow steps the broker used a whole core, and its JIT compilers were still at work.
+        pipeline_paced(settings, burst["run"], 1000.0, 20, progress, first=9_000_000)
         drain(settings, progress, "paced warm-up: receipts and outcomes")
         paced = []
         # 20/s: what one message sees on an idle loop; then 1k/s and 5k/s in steps of 50 ms, and 1k/s as a
