@@ -27,7 +27,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from connectors.kafka import group_lag, produce, skip_to_end
-from console.services import INFRA, stack
+from console.services import INFRA, leave, stack
 from infra import topics
 from infra.settings import Settings
 from infra.waiting import wait_for
@@ -285,16 +285,6 @@ def deploy(settings: Settings, local, processes: int, env: dict[str, str] | None
 
     local.stop(["worker", "worker-urgent"])
     make_stack(settings, worker_env={"LOOPCAST_WORKER_PROCESSES": str(processes), **(env or {})}).up(["worker"])
-
-
-def leave(settings: Settings, local, keep_running: bool) -> None:
-    """As the demo does: the stack stops when the bench is done, or keeps running with the configured
-    deployment of workers (not the last one the bench tried)."""
-    if keep_running:
-        local.stop(["worker", "worker-urgent"])
-        stack(settings).up(["worker"])
-    else:
-        local.down()
 
 
 def burst_with_cost(settings: Settings, local, events: int, progress: Progress, label: str) -> dict:

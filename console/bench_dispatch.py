@@ -19,7 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from connectors.kafka import produce
-from console.services import INFRA, stack
+from console.services import INFRA, leave, stack
 from infra import topics
 from infra.settings import Settings
 from infra.stack import read_pid_file
@@ -151,8 +151,6 @@ def failover(settings: Settings, rate: float, seconds: float, outage_after_s: fl
 def run_dispatch_bench(
     settings: Settings, console: Console, *, sends: int, latency_ms: float, keep_running: bool = False
 ) -> dict:
-    from console.bench import leave
-
     local = stack(settings)
     with console.status("starting the local stack with a dispatch-only worker…"):
         local.up([*INFRA, "sandbox"])

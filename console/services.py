@@ -64,6 +64,16 @@ def stack(
     return s
 
 
+def leave(settings: Settings, local: Stack, keep_running: bool) -> None:
+    """How a benchmark leaves the stack it started: stopped, as the demo does, or (kept running) with the
+    configured deployment of workers, not the last one the benchmark tried."""
+    if keep_running:
+        local.stop(["worker", "worker-urgent"])
+        stack(settings).up(["worker"])
+    else:
+        local.down()
+
+
 def bulk_lane_env(settings: Settings) -> dict[str, str]:
     """The bulk lane's worker beside an urgent lane: the rest of the stages, on all cores but one —
     that one is the urgent lane's, so a marketing backlog never takes the CPU urgent messages need."""
